@@ -1,0 +1,301 @@
+"""The Llama decoder (Llama 2, 3, 3.1, 3.2 and SmolLM2), readable in one sitting.
+
+    tokens ─► tok_embeddings ─► [ Block ] × num_layers ─► norm ─► output ─► logits
+                                   │
+                 x = x + attn(attn_norm(x))      attention: GQA + RoPE through SDPA
+                 x = x + mlp(mlp_norm(x))        mlp: SwiGLU  down(silu(gate(x)) * up(x))
+
+Projection names (``q_proj`` … ``down_proj``) are the Hugging Face leaf names on purpose: a LoRA
+target list reads the same here, in PEFT's ``adapter_config.json`` and in a user's head. The map
+from HF's full parameter names to ours lives in ``models/hf_checkpoint.py``.
+
+Shapes in comments: b = batch, s = sequence, d = hidden size, h = heads, kvh = key/value heads,
+hd = head dim, v = vocabulary.
+
+The smaller pieces (``RMSNorm``, ``rope_inv_freq``, ``apply_rope``, ``KVCache``, ``attention_mask``)
+are public so the other families (Gemma) reuse them and show only what they change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class LlamaConfig:
+    """Shape of a Llama-architecture model. Field names follow HF ``config.json`` where they can.
+
+    Attributes:
+        vocab_size: Number of token ids.
+        hidden_size: Width of the residual stream (d).
+        num_layers: Number of transformer blocks.
+        num_heads: Query heads (h).
+        num_kv_heads: Key/value heads (kvh); ``num_heads % num_kv_heads == 0`` (GQA; MQA when 1).
+        intermediate_size: Width of the MLP's hidden layer.
+        head_dim: Per-head width; defaults to ``hidden_size // num_heads``.
+        norm_eps: RMSNorm epsilon.
+        rope_theta: RoPE base.
+        rope_scaling: HF's ``rope_scaling`` dict, e.g. Llama 3.1's ``{"rope_type": "llama3",
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}``; ``None`` for plain RoPE.
+        max_seq_len: Longest sequence the model was trained for (sizes KV caches by default).
+        tie_embeddings: Output head shares the token-embedding matrix (Llama 3.2, SmolLM2).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    head_dim: int | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    family: str = field(default="llama")
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back (as HF does, so bf16 runs match)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> Tensor:
+    """Inverse RoPE frequencies, [hd/2], with optional Llama 3.1 ("llama3") or "linear" scaling.
+
+    Llama 3.1 keeps high frequencies (short wavelengths) as they are, divides low frequencies by
+    ``factor`` and interpolates smoothly between the two bands, so long-context positions stay
+    distinguishable without disturbing the short-range behaviour learned in pre-training.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3, linear)")
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin tables for ``positions`` [b, s] → each [b, 1, s, hd], computed in fp32."""
+    freqs = positions[..., None].float() * inv_freq.float()  # [b, s, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # HF's "rotate half" layout, not interleaved pairs
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` [b, h, s, hd] by position: the first and second halves form the pairs."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def attention_mask(
+    q_pos: Tensor,
+    kv_pos: Tensor,
+    q_doc: Tensor | None = None,
+    kv_doc: Tensor | None = None,
+    sliding_window: int | None = None,
+) -> Tensor:
+    """Boolean mask [b, 1, s_q, s_kv], True where a query may attend to a key.
+
+    Causal by position; with document ids (packing), also only within the same document; with a
+    sliding window, also only to the last ``sliding_window`` positions.
+    """
+    allowed = kv_pos[:, None, :] <= q_pos[:, :, None]
+    if q_doc is not None and kv_doc is not None:
+        allowed = allowed & (kv_doc[:, None, :] == q_doc[:, :, None])
+    if sliding_window is not None:
+        allowed = allowed & (q_pos[:, :, None] - kv_pos[:, None, :] < sliding_window)
+    return allowed[:, None]
+
+
+class KVCache(nn.Module):
+    """Keys and values of earlier positions, so decoding a token costs one position, not all."""
+
+    def __init__(
+        self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device
+    ) -> None:
+        super().__init__()
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.length = 0  # positions [0, length) hold valid entries
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append k, v [b, kvh, s, hd]; return all keys/values so far, [b, kvh, length, hd]."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise RuntimeError(f"KV cache full: {end} positions > max_len {self.k.shape[2]}")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE, through ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [b, h, s, hd]
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kvh, s, hd]
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
+        )  # [b, h, s, hd]
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention then MLP, each added to the residual stream."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    """A Llama-architecture causal LM: ``model(tokens)`` [b, s] → logits [b, s, v].
+
+    ``hidden_states`` and ``logits`` are split out so a loss can project only the positions that
+    carry a label, in chunks, instead of materialising the full [b, s, v] logits.
+    """
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
+        self.activation_checkpointing = False  # recompute each block in backward to save memory
+
+    def hidden_states(
+        self, tokens: Tensor, *, positions: Tensor | None = None, document_ids: Tensor | None = None
+    ) -> Tensor:
+        """Final-normed hidden states [b, s, d].
+
+        Args:
+            tokens: Token ids [b, s].
+            positions: Position of each token [b, s]. Defaults to 0..s-1, or continues after the
+                KV cache when one is set up. Packed sequences restart positions per document.
+            document_ids: Document index of each token [b, s] for packed sequences; attention then
+                stays within a document. ``None`` means one document per row (plain causal).
+        """
+        b, s = tokens.shape
+        cache_len = self.kv_cache_length()
+        if positions is None:
+            positions = torch.arange(cache_len, cache_len + s, device=tokens.device).expand(b, s)
+        mask = None  # None → SDPA's own causal fast path
+        if document_ids is not None or cache_len > 0:
+            kv_pos = torch.arange(cache_len + s, device=tokens.device).expand(b, -1)
+            mask = attention_mask(positions if cache_len else kv_pos[:, -s:], kv_pos, document_ids, document_ids)
+        x = self.tok_embeddings(tokens)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Project hidden states [..., d] to vocabulary logits [..., v]."""
+        return self.output(h)
+
+    def forward(
+        self, tokens: Tensor, *, positions: Tensor | None = None, document_ids: Tensor | None = None
+    ) -> Tensor:
+        """Logits [b, s, v] for tokens [b, s]; see ``hidden_states`` for the arguments."""
+        return self.logits(self.hidden_states(tokens, positions=positions, document_ids=document_ids))
+
+    # -- KV cache for generation ------------------------------------------------------------------
+    def setup_kv_cache(self, batch: int, max_len: int | None = None) -> None:
+        """Give every attention layer an empty cache of ``max_len`` positions."""
+        max_len = max_len or self.config.max_seq_len
+        p = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch, max_len, self.config.num_kv_heads, self.config.head_dim, p.dtype, p.device)
+
+    def clear_kv_cache(self) -> None:
+        """Drop the caches (back to training-style full-sequence forward)."""
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+
+    def kv_cache_length(self) -> int:
+        cache = self.layers[0].attn.kv_cache if len(self.layers) else None
+        return cache.length if cache is not None else 0
