@@ -1,1 +1,88 @@
-"""tunesmith.models."""
+"""tunesmith.models: native PyTorch decoders, their checkpoints, LoRA and generation.
+
+    model = load_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")   # Hub id, local dir or .gguf
+    logits = model(tokens)                                            # [b, s] → [b, s, v]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunesmith.models.builders import (
+    BUILDERS,
+    HUB_IDS,
+    llama2_7b,
+    llama2_13b,
+    llama3_1_8b,
+    llama3_1_70b,
+    llama3_2_1b,
+    llama3_2_3b,
+    llama3_8b,
+    smollm2_1_7b,
+    smollm2_135m,
+    smollm2_360m,
+    tiny_llama,
+)
+from tunesmith.models.generation import generate
+from tunesmith.models.gguf_loader import load_gguf
+from tunesmith.models.hf_checkpoint import (
+    CheckpointFormatError,
+    load_hf_checkpoint,
+    resolve_model_dir,
+    save_hf_checkpoint,
+)
+from tunesmith.models.llama import Llama, LlamaConfig
+from tunesmith.models.lora import LoRALinear, apply_lora
+from tunesmith.models.peft_adapter import load_peft_adapter, save_peft_adapter
+
+
+def load_pretrained(
+    source: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """Load pretrained weights as our native model, from wherever they are.
+
+    Args:
+        source: A local Hugging Face model directory, a Hub repo id (``org/name``, downloaded
+            into the HF cache; ``HF_TOKEN`` is read for gated repos), or a ``.gguf`` file
+            (dequantized to ``dtype``).
+        dtype: Parameter dtype.
+        device: Where the parameters live.
+
+    Returns:
+        The model (``Llama``, or another family's class) in eval mode.
+    """
+    if str(source).endswith(".gguf"):
+        return load_gguf(source, dtype=dtype, device=device)
+    return load_hf_checkpoint(source, dtype=dtype, device=device)
+
+__all__ = [
+    "BUILDERS",
+    "HUB_IDS",
+    "CheckpointFormatError",
+    "Llama",
+    "LlamaConfig",
+    "LoRALinear",
+    "apply_lora",
+    "generate",
+    "llama2_13b",
+    "llama2_7b",
+    "llama3_1_70b",
+    "llama3_1_8b",
+    "llama3_2_1b",
+    "llama3_2_3b",
+    "llama3_8b",
+    "load_gguf",
+    "load_hf_checkpoint",
+    "load_peft_adapter",
+    "load_pretrained",
+    "resolve_model_dir",
+    "save_hf_checkpoint",
+    "save_peft_adapter",
+    "smollm2_135m",
+    "smollm2_1_7b",
+    "smollm2_360m",
+    "tiny_llama",
+]

@@ -7,7 +7,7 @@
 
 Projection names (``q_proj`` … ``down_proj``) are the Hugging Face leaf names on purpose: a LoRA
 target list reads the same here, in PEFT's ``adapter_config.json`` and in a user's head. The map
-from HF's full parameter names to ours lives in ``models/hf_checkpoint.py``.
+from HF's full parameter names to ours lives in ``models/llama_hf.py``.
 
 Shapes in comments: b = batch, s = sequence, d = hidden size, h = heads, kvh = key/value heads,
 hd = head dim, v = vocabulary.
@@ -47,6 +47,9 @@ class LlamaConfig:
             "original_max_position_embeddings": 8192}``; ``None`` for plain RoPE.
         max_seq_len: Longest sequence the model was trained for (sizes KV caches by default).
         tie_embeddings: Output head shares the token-embedding matrix (Llama 3.2, SmolLM2).
+        bos_token_id: Beginning-of-sequence id, when known; carried only so a saved
+            ``config.json`` keeps it (the tokenizer is what uses it).
+        eos_token_id: End-of-sequence id (or ids), when known; as above.
     """
 
     vocab_size: int
@@ -61,6 +64,8 @@ class LlamaConfig:
     rope_scaling: dict[str, Any] | None = None
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
     family: str = field(default="llama")
 
     def __post_init__(self) -> None:
@@ -241,8 +246,19 @@ class Llama(nn.Module):
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.reset_buffers()
         self.activation_checkpointing = False  # recompute each block in backward to save memory
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the RoPE frequencies, in fp32 on the model's device.
+
+        Checkpoint loading builds the model on the meta device (no random init, no second copy of
+        the weights) and calls this once the tensors are real; it also undoes a ``model.to(bf16)``
+        that rounded the frequencies.
+        """
+        device = self.tok_embeddings.weight.device
+        self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling).to(device)
 
     def hidden_states(
         self, tokens: Tensor, *, positions: Tensor | None = None, document_ids: Tensor | None = None

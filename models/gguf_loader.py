@@ -1,0 +1,98 @@
+"""Load a llama.cpp GGUF file as our native model, dequantized to a plain dtype.
+
+    GGUF metadata ─► family.config_from_gguf ─► config ─► empty model
+    GGUF tensors ─► gguf.quants.dequantize ─► family.fix_gguf_tensor ─► our parameter
+
+The ``gguf`` package (llama.cpp's own Python reader) memory-maps the file and dequantizes each
+block format (Q4_1, Q8_0, K-quants, …) to float32 numpy; we convert one tensor at a time. The
+family module (``HF_FAMILIES``' sibling ``GGUF_FAMILIES``, keyed by ``general.architecture``)
+provides ``config_from_gguf(meta)``, ``gguf_to_ours(cfg)`` and ``fix_gguf_tensor(name, w, cfg)``
+(for Llama: undo llama.cpp's Q/K row permutation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tunesmith.models.hf_checkpoint import GGUF_FAMILIES, CheckpointFormatError, build_empty, load_state_into
+
+
+def read_metadata(reader: Any) -> dict[str, Any]:
+    """GGUF key/value metadata as plain Python values (strings, numbers, lists).
+
+    Args:
+        reader: A ``gguf.GGUFReader``.
+    """
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def dequantize_tensor(t: Any) -> Tensor:
+    """One GGUF tensor as a float32 torch tensor in row-major [rows, cols] (our layout).
+
+    GGUF lists dimensions fastest-first (``t.shape == [cols, rows]``), so the numpy array is
+    reshaped to the reversed shape.
+    """
+    import gguf
+
+    shape = tuple(int(n) for n in reversed(t.shape))
+    values = gguf.quants.dequantize(t.data, t.tensor_type)
+    # np.array copies: F32/F16 tensors come back as read-only views of the memory-mapped file.
+    return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
+    """Build our model from a GGUF file: config from its metadata, weights dequantized.
+
+    The output head is tied to the token embedding when the file has no ``output.weight``
+    (llama.cpp's convention for tied models such as SmolLM2 and Llama 3.2).
+
+    Args:
+        path: The ``.gguf`` file.
+        dtype: Parameter dtype of the returned model.
+        device: Where the parameters live.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        CheckpointFormatError: unsupported architecture, unknown tensor names or mismatched shapes.
+    """
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: GGUF file not found")
+    reader = gguf.GGUFReader(path)
+    meta = read_metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_FAMILIES:
+        raise CheckpointFormatError(
+            f"{path}: general.architecture {arch!r} is not supported (supported: {sorted(GGUF_FAMILIES)})"
+        )
+    family, cls = GGUF_FAMILIES[arch]
+    try:
+        cfg = family.config_from_gguf(meta)
+    except (KeyError, ValueError) as e:
+        raise CheckpointFormatError(f"{path}: {e}") from e
+    tensor_names = {t.name for t in reader.tensors}
+    if "output.weight" not in tensor_names:
+        cfg = dataclasses.replace(cfg, tie_embeddings=True)
+
+    names = family.gguf_to_ours(cfg)
+
+    def tensors() -> Iterator[tuple[str, Path, Tensor]]:
+        for t in reader.tensors:  # one dequantized tensor alive at a time
+            w = dequantize_tensor(t)
+            ours = names.get(t.name)
+            yield t.name, path, family.fix_gguf_tensor(ours, w, cfg) if ours else w
+
+    model = build_empty(cls, cfg, dtype, device)
+    load_state_into(model, tensors(), names, str(path))
+    return model.eval()

@@ -1,0 +1,394 @@
+"""Hugging Face checkpoints in and out, for any model family.
+
+    load_hf_checkpoint(dir)                     save_hf_checkpoint(model, dir)
+      config.json ─► family.config_from_hf        family.config_to_hf ─► config.json
+      *.safetensors, tensor by tensor               merged weights, shard by shard
+        └─ HF name ─► family.hf_to_ours ─► our parameter ─► HF name ─┘
+
+Nothing here knows what a Llama is: each family supplies a small conversion module
+(``models/llama_hf.py`` is the model) with
+
+* ``config_from_hf(d: dict) -> config`` and ``config_to_hf(config) -> dict``;
+* ``hf_to_ours(config) -> dict[str, str | None]``: every HF parameter name → our state-dict name
+  (``None`` means "present in some files, not loaded");
+
+and a model class built as ``cls(config)``. ``HF_FAMILIES`` maps ``config.json``'s ``model_type``
+to that pair; adding a family is one line per ``model_type``. A model class may define
+``reset_buffers()`` (recompute non-persistent buffers such as RoPE tables); it is then built on
+the meta device, so loading neither random-initialises the weights nor holds a second copy.
+
+Weights are only ever read from safetensors. Pickle-based ``.bin``/``.pt`` checkpoints can run
+arbitrary code when loaded, so they are refused with a pointer to converting them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from tunesmith.models import gemma_hf, llama_hf
+from tunesmith.models.gemma import Gemma
+from tunesmith.models.llama import Llama
+
+# model_type in config.json → (conversion module, model class). One line per model_type.
+HF_FAMILIES: dict[str, tuple[ModuleType, type[nn.Module]]] = {
+    "llama": (llama_hf, Llama),
+    "gemma": (gemma_hf, Gemma),
+    "gemma2": (gemma_hf, Gemma),
+    "gemma3_text": (gemma_hf, Gemma),
+}
+# general.architecture in a GGUF file → (conversion module, model class); see gguf_loader.py for
+# what the module provides there.
+GGUF_FAMILIES: dict[str, tuple[ModuleType, type[nn.Module]]] = {
+    "llama": (llama_hf, Llama),
+    "gemma": (gemma_hf, Gemma),
+    "gemma2": (gemma_hf, Gemma),
+    "gemma3": (gemma_hf, Gemma),
+}
+
+# Files a model directory needs (weights, config, tokenizer) — what a Hub download fetches.
+HUB_ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+]
+# Tokenizer-side files copied next to a saved checkpoint.
+TOKENIZER_FILES = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "generation_config.json",
+]
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint that does not fit the model or cannot be read safely."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding the files
+# ------------------------------------------------------------------------------------------------
+def resolve_model_dir(source: str | Path) -> Path:
+    """A local model directory, or a Hub repo id downloaded into the Hugging Face cache.
+
+    Local paths never touch the network. A repo id (``org/name``) goes through
+    ``huggingface_hub.snapshot_download``, which reads the access token from ``HF_TOKEN`` (or a
+    ``huggingface-cli login``) itself and honours ``HF_HUB_CACHE`` / ``HF_HUB_OFFLINE``.
+
+    Raises:
+        FileNotFoundError: ``source`` looks like a path but does not exist.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    looks_like_repo_id = isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    if path.exists() or not looks_like_repo_id:
+        raise FileNotFoundError(f"{source}: not a model directory (need config.json + *.safetensors) or a Hub repo id")
+    from huggingface_hub import snapshot_download  # only needed for Hub ids
+
+    return Path(snapshot_download(repo_id=str(source), allow_patterns=HUB_ALLOW_PATTERNS))
+
+
+def safetensors_files(model_dir: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file that holds it (single file or sharded).
+
+    Raises:
+        CheckpointFormatError: no safetensors (pickle checkpoints are named and refused), or a shard
+            listed in the index is missing.
+    """
+    index = model_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
+        if missing:
+            raise CheckpointFormatError(
+                f"{index}: shard file(s) {missing} listed in the index are missing from {model_dir}"
+            )
+        return {name: model_dir / f for name, f in weight_map.items()}
+    single = model_dir / SAFETENSORS_SINGLE
+    if not single.is_file():
+        shards = sorted(model_dir.glob("*.safetensors"))
+        if len(shards) == 1:
+            single = shards[0]
+        else:
+            pickles = [
+                p.name for p in model_dir.iterdir() if p.name in PICKLE_WEIGHTS or p.suffix in (".bin", ".pt", ".pth")
+            ]
+            hint = (
+                f"found pickle checkpoint(s) {sorted(pickles)}, which tunesmith does not load (unpickling can run "
+                "arbitrary code); convert them to safetensors first, e.g. load in transformers and "
+                "save_pretrained(..., safe_serialization=True)"
+                if pickles
+                else f"expected {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}"
+            )
+            raise CheckpointFormatError(f"{model_dir}: no safetensors weights; {hint}")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def read_config(model_dir: Path) -> tuple[dict[str, Any], ModuleType, type[nn.Module]]:
+    """Parse ``config.json`` and pick the family by its ``model_type``."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointFormatError(f"{model_dir}: no config.json (is this a Hugging Face model directory?)")
+    d = json.loads(path.read_text())
+    model_type = d.get("model_type")
+    if model_type not in HF_FAMILIES:
+        raise CheckpointFormatError(
+            f"{path}: model_type {model_type!r} is not supported (supported: {sorted(HF_FAMILIES)})"
+        )
+    family, cls = HF_FAMILIES[model_type]
+    return d, family, cls
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+def build_empty(cls: type[nn.Module], cfg: Any, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """``cls(cfg)`` with uninitialised weights of ``dtype`` on ``device``, ready to be filled in.
+
+    When the class can recompute its buffers (``reset_buffers``), the model is built on the meta
+    device and only then given real storage, so no time goes into a random init that the
+    checkpoint overwrites. Tied parameters are re-tied after ``to_empty`` (which would give each
+    use its own tensor).
+    """
+    if not hasattr(cls, "reset_buffers"):
+        return cls(cfg).to(device=device, dtype=dtype)
+    with torch.device("meta"):
+        model = cls(cfg)
+    # (module, attribute) of every use of each parameter, to restore sharing afterwards.
+    uses: dict[int, list[tuple[nn.Module, str]]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner, _, attr = name.rpartition(".")
+        uses.setdefault(id(p), []).append((model.get_submodule(owner) if owner else model, attr))
+    model.to(dtype=dtype).to_empty(device=device)
+    for sites in uses.values():
+        first = getattr(*sites[0])
+        for module, attr in sites[1:]:
+            setattr(module, attr, first)
+    model.reset_buffers()
+    return model
+
+
+def iter_checkpoint(files: dict[str, Path]) -> Iterator[tuple[str, Path, Tensor]]:
+    """Yield (name, file, tensor) one tensor at a time, opening each shard once."""
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for name in names:
+                yield name, path, f.get_tensor(name)
+
+
+def load_state_into(
+    model: nn.Module, tensors: Iterator[tuple[str, Path, Tensor]], names: dict[str, str | None], what: str
+) -> None:
+    """Copy checkpoint tensors into ``model``'s parameters, checking names and shapes.
+
+    Args:
+        model: Target model (its parameters are written in place, cast to their dtype).
+        tensors: (checkpoint name, file, tensor) triples, e.g. from ``iter_checkpoint``.
+        names: Checkpoint name → our state-dict name, or ``None`` to skip (the family table).
+        what: Describes the checkpoint in errors (a directory or file path).
+
+    Raises:
+        CheckpointFormatError: an unknown name, a shape mismatch (naming file, key and both shapes), or
+            parameters the checkpoint does not provide.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = {ours for ours in names.values() if ours is not None}
+    loaded: set[str] = set()
+    unknown: list[str] = []
+    with torch.no_grad():
+        for name, path, tensor in tensors:
+            if name not in names:
+                unknown.append(name)
+                continue
+            ours = names[name]
+            if ours is None:
+                continue
+            param = params[ours]
+            if tensor.shape != param.shape:
+                raise CheckpointFormatError(
+                    f"{path}: tensor {name!r} has shape {tuple(tensor.shape)} but the model's {ours!r} "
+                    f"expects {tuple(param.shape)}; does config.json belong to these weights?"
+                )
+            param.copy_(tensor)
+            loaded.add(ours)
+    if unknown:
+        raise CheckpointFormatError(f"{what}: unexpected tensor(s) not used by this model: {sorted(unknown)[:10]}")
+    missing = sorted(expected - loaded)
+    if missing:
+        raise CheckpointFormatError(f"{what}: checkpoint lacks tensor(s) for {missing[:10]}")
+
+
+def load_hf_checkpoint(
+    source: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """Load a Hugging Face model directory or Hub repo id as our native model.
+
+    Args:
+        source: Local directory (``config.json`` + safetensors) or Hub repo id.
+        dtype: Parameter dtype (weights are cast tensor by tensor while loading).
+        device: Where the parameters live.
+
+    Returns:
+        The model in eval mode.
+    """
+    model_dir = resolve_model_dir(source)
+    d, family, cls = read_config(model_dir)
+    try:
+        cfg = family.config_from_hf(d)
+    except ValueError as e:
+        raise CheckpointFormatError(f"{model_dir / 'config.json'}: {e}") from e
+    files = safetensors_files(model_dir)
+    model = build_empty(cls, cfg, dtype, device)
+    load_state_into(model, iter_checkpoint(files), family.hf_to_ours(cfg), str(model_dir))
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving
+# ------------------------------------------------------------------------------------------------
+def family_of(model: nn.Module) -> ModuleType:
+    """The conversion module for ``model``'s class (from ``HF_FAMILIES``)."""
+    for family, cls in HF_FAMILIES.values():
+        if type(model) is cls:
+            return family
+    raise TypeError(f"no Hugging Face conversion for {type(model).__name__}; known: {sorted(HF_FAMILIES)}")
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Our parameter name → tensor, with every LoRA update folded into its base weight.
+
+    The model is not modified (``LoRALinear.merged_weight`` builds a new tensor). Adapter
+    tensors are left out; tied parameters appear under every name that uses them.
+    """
+    from tunesmith.models.lora import LoRALinear
+
+    out = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            prefix = f"{name}." if name else ""
+            out[f"{prefix}weight"] = module.merged_weight()
+            del out[f"{prefix}lora_a.weight"], out[f"{prefix}lora_b.weight"]
+    return out
+
+
+def _shards(tensors: dict[str, Tensor], max_bytes: int) -> list[list[str]]:
+    """Split names into consecutive groups of at most ``max_bytes`` (a bigger tensor stands alone)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def save_hf_checkpoint(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """Write ``model`` as a Hugging Face model directory that ``transformers`` and vLLM load.
+
+    LoRA layers are saved merged (base + scaling · B A) without changing ``model``. A tied model
+    whose output head carries a LoRA update is saved untied: the merged head no longer equals the
+    embedding.
+
+    Args:
+        model: A native model (optionally with ``LoRALinear`` layers, dense or NF4 bases).
+        out_dir: Directory to create/fill.
+        dtype: dtype of the saved tensors; default: the model's embedding dtype.
+        max_shard_bytes: Above this total the weights are split into
+            ``model-0000x-of-0000y.safetensors`` files plus ``model.safetensors.index.json``.
+        tokenizer_dir: Directory whose tokenizer files (``tokenizer.json``, ``tokenizer_config.json``,
+            ``special_tokens_map.json``, ``tokenizer.model``, ``generation_config.json``, …) are copied.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    from tunesmith.models.lora import LoRALinear
+
+    family = family_of(model)
+    cfg = model.config
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or next(model.parameters()).dtype  # the embedding's, for our models
+
+    ours = merged_state_dict(model)
+    # A LoRA update on a weight that is shared (a tied output head) makes the merged head differ
+    # from the embedding, so the checkpoint must store both: save it untied.
+    shared = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.weight_is_shared]
+    if shared:
+        if not getattr(cfg, "tie_embeddings", False):
+            raise ValueError(
+                f"LoRA layer(s) {shared} adapt a shared weight, but {type(cfg).__name__} has no tie_embeddings "
+                "switch to save the merged head separately; save the adapter with save_peft_adapter instead"
+            )
+        cfg = dataclasses.replace(cfg, tie_embeddings=False)
+    # HF name → tensor, in the family table's order, each tensor stored exactly once.
+    hf: dict[str, Tensor] = {}
+    for hf_name, our_name in family.hf_to_ours(cfg).items():
+        if our_name is not None:
+            hf[hf_name] = ours[our_name]
+
+    for stale in [out_dir / SAFETENSORS_SINGLE, out_dir / SAFETENSORS_INDEX, *out_dir.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)  # a previous save with another shard count must not linger
+    groups = _shards(hf, max_shard_bytes)
+
+    def to_disk(name: str) -> Tensor:
+        return hf[name].to(device="cpu", dtype=dtype).contiguous()
+
+    if len(groups) == 1:
+        save_file({n: to_disk(n) for n in groups[0]}, out_dir / SAFETENSORS_SINGLE, metadata={"format": "pt"})
+    else:
+        weight_map: dict[str, str] = {}
+        total = 0
+        for k, names in enumerate(groups, start=1):
+            fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+            shard = {n: to_disk(n) for n in names}  # only one shard's converted copy at a time
+            save_file(shard, out_dir / fname, metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+            weight_map.update(dict.fromkeys(names, fname))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    config = family.config_to_hf(cfg)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")  # HF's name for the weights' dtype
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        for fname in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / fname
+            if src.is_file():
+                shutil.copy2(src, out_dir / fname)
+    return out_dir

@@ -1,0 +1,243 @@
+"""Llama ↔ Hugging Face and Llama ↔ GGUF: parameter names, config fields, the Q/K un-permute.
+
+This is the one place that knows how a Llama checkpoint outside tunesmith is spelled. The generic
+reader/writer (``models/hf_checkpoint.py``, ``models/gguf_loader.py``, ``models/peft_adapter.py``)
+asks this module four things and nothing more:
+
+* ``config_from_hf(d)`` / ``config_to_hf(cfg)``: HF ``config.json`` ↔ ``LlamaConfig``;
+* ``hf_to_ours(cfg)``: every HF parameter name → our state-dict name (``None`` = skip it);
+* ``config_from_gguf(meta)`` / ``gguf_to_ours(cfg)`` / ``fix_gguf_tensor(...)``: the same for GGUF.
+
+A Llama checkpoint's layout is identical to ours apart from the names (HF stores nn.Linear weights
+as [out, in], as we do), so the table below is the whole conversion. GGUF additionally permutes the
+rows of Q and K; ``unpermute_qk`` undoes that.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from tunesmith.models.llama import LlamaConfig
+
+# ------------------------------------------------------------------------------------------------
+# Names. ``{i}`` is the layer index.
+#                      Hugging Face                                 tunesmith
+# ------------------------------------------------------------------------------------------------
+HF_TOP_LEVEL = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+HF_PER_LAYER = {
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attn.q_proj.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attn.k_proj.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attn.v_proj.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attn.o_proj.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.mlp_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.mlp.gate_proj.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.mlp.up_proj.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.mlp.down_proj.weight",
+    # Older exports (early Llama 2 conversions) also saved RoPE's inverse frequencies; we
+    # recompute them from the config, so they are read past, not loaded.
+    "model.layers.{i}.self_attn.rotary_emb.inv_freq": None,
+}
+
+GGUF_TOP_LEVEL = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+GGUF_PER_LAYER = {
+    "blk.{i}.attn_norm.weight": "layers.{i}.attn_norm.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.mlp_norm.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.mlp.down_proj.weight",
+}
+
+
+def _expand(top: dict[str, str | None], per_layer: dict[str, str | None], num_layers: int) -> dict[str, str | None]:
+    names = dict(top)
+    for i in range(num_layers):
+        for theirs, ours in per_layer.items():
+            names[theirs.format(i=i)] = None if ours is None else ours.format(i=i)
+    return names
+
+
+def hf_to_ours(cfg: LlamaConfig) -> dict[str, str | None]:
+    """Every HF parameter name of a checkpoint for ``cfg`` → our name (``None``: read past it).
+
+    With tied embeddings ``lm_head.weight`` is the embedding itself: HF leaves it out of the file,
+    and if a file has it anyway we skip it rather than let it overwrite the shared matrix.
+    """
+    names = _expand(HF_TOP_LEVEL, HF_PER_LAYER, cfg.num_layers)
+    if cfg.tie_embeddings:
+        names["lm_head.weight"] = None
+    return names
+
+
+def gguf_to_ours(cfg: LlamaConfig) -> dict[str, str | None]:
+    """Every GGUF tensor name for ``cfg`` → our name (``None``: not a weight we load)."""
+    names = _expand(GGUF_TOP_LEVEL, GGUF_PER_LAYER, cfg.num_layers)
+    if cfg.tie_embeddings:
+        names["output.weight"] = None
+    return names
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+def _rope_from_hf(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from either transformers-5 ``rope_parameters`` or the classic
+    ``rope_theta`` + ``rope_scaling`` pair that Hub checkpoints carry."""
+    params = d.get("rope_parameters")
+    if params:
+        theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = d.get("rope_theta", 10000.0)
+        scaling = dict(d["rope_scaling"]) if d.get("rope_scaling") else {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return float(theta), None
+    scaling["rope_type"] = kind
+    scaling.pop("type", None)
+    return float(theta), scaling
+
+
+def config_from_hf(d: dict[str, Any]) -> LlamaConfig:
+    """Build a ``LlamaConfig`` from a parsed HF ``config.json`` (``model_type: "llama"``).
+
+    Raises:
+        ValueError: naming the key, for features this Llama does not implement (biases,
+            activations other than SiLU) or a missing required key.
+    """
+    for key, supported in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if d.get(key, supported) != supported:
+            raise ValueError(f"config key {key!r} = {d[key]!r} is not supported (only {supported!r})")
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"config is missing required key(s) {missing}")
+    theta, scaling = _rope_from_hf(d)
+    return LlamaConfig(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        num_layers=d["num_hidden_layers"],
+        num_heads=d["num_attention_heads"],
+        num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        intermediate_size=d["intermediate_size"],
+        head_dim=d.get("head_dim"),
+        norm_eps=d.get("rms_norm_eps", 1e-6),  # transformers' LlamaConfig default
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_seq_len=d.get("max_position_embeddings", 2048),
+        tie_embeddings=d.get("tie_word_embeddings", False),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id"),
+    )
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
+    """HF ``config.json`` contents for ``cfg``, as ``transformers`` and vLLM read them.
+
+    The writer adds ``torch_dtype`` (it knows the dtype it saves in).
+
+    RoPE is written in the classic ``rope_theta`` + ``rope_scaling`` form, which every
+    transformers version (5 converts it to ``rope_parameters`` itself) and vLLM understand.
+    """
+    out: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+    if cfg.bos_token_id is not None:
+        out["bos_token_id"] = cfg.bos_token_id
+    if cfg.eos_token_id is not None:
+        out["eos_token_id"] = cfg.eos_token_id
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF
+# ------------------------------------------------------------------------------------------------
+def config_from_gguf(meta: dict[str, Any]) -> LlamaConfig:
+    """Build a ``LlamaConfig`` from GGUF metadata (``general.architecture == "llama"``).
+
+    Args:
+        meta: GGUF key → plain Python value (see ``gguf_loader.read_metadata``).
+    """
+    arch = meta["general.architecture"]
+
+    def get(key: str, default: Any = KeyError) -> Any:
+        if f"{arch}.{key}" in meta:
+            return meta[f"{arch}.{key}"]
+        if default is KeyError:
+            raise ValueError(f"GGUF metadata is missing {arch}.{key}")
+        return default
+
+    num_heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    vocab = get("vocab_size", None) or len(meta["tokenizer.ggml.tokens"])
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=get("block_count"),
+        num_heads=num_heads,
+        num_kv_heads=get("attention.head_count_kv", num_heads),
+        intermediate_size=get("feed_forward_length"),
+        head_dim=get("attention.key_length", None) or get("rope.dimension_count", None) or hidden // num_heads,
+        norm_eps=get("attention.layer_norm_rms_epsilon"),
+        rope_theta=get("rope.freq_base", 10000.0),
+        max_seq_len=get("context_length"),
+        tie_embeddings=False,  # decided by the loader: tied when the file has no output.weight
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+    )
+
+
+def unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
+    """Undo llama.cpp's Q/K row permutation.
+
+    llama.cpp rotates *adjacent* pairs (x0, x1), (x2, x3), … while HF (and we) rotate the two
+    halves of a head against each other, (x0, x_{hd/2}), …; its converter reorders each head's
+    rows from [first half | second half] to interleaved [h0, s0, h1, s1, …]. Per head we read the
+    rows back as [hd/2, 2] pairs and transpose to [2, hd/2].
+
+    Args:
+        w: GGUF weight [n_heads * hd, in].
+        n_heads: Heads in this projection (query heads for Q, key/value heads for K).
+    """
+    out_dim, in_dim = w.shape
+    hd = out_dim // n_heads
+    return w.reshape(n_heads, hd // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def fix_gguf_tensor(our_name: str, w: Tensor, cfg: LlamaConfig) -> Tensor:
+    """Turn a dequantized GGUF tensor into the layout our ``our_name`` parameter expects."""
+    if our_name.endswith("attn.q_proj.weight"):
+        return unpermute_qk(w, cfg.num_heads)
+    if our_name.endswith("attn.k_proj.weight"):
+        return unpermute_qk(w, cfg.num_kv_heads)
+    return w

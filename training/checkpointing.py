@@ -1,0 +1,187 @@
+"""Atomic, resumable checkpoints in ``output_dir``.
+
+Layout (one folder per saved step; the newest is the one a resume continues from)::
+
+    output_dir/
+      step_000050/
+        trainable.safetensors   trained tensors, our names (exact resume)
+        training_state.pt       optimizer, LR schedule, RNG, step, data position
+        config.yaml             the resolved config of the run
+        adapter/                PEFT adapter  (recipes that train LoRA)
+        merged/                 full HF model (when ``save_merged=true``)
+      step_000100/ ...
+      LATEST                    name of the newest complete step folder
+
+A checkpoint is written into ``.tmp-step_…`` and renamed into place only once every file is on
+disk, so a crash (or SIGKILL) mid-save leaves the previous checkpoint untouched and loadable; the
+half-written temp folder is removed the next time the run starts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_PREFIX = "step_"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk does not fit the run (missing file, wrong keys or shapes)."""
+
+
+@dataclass
+class TrainingState:
+    """Everything besides weights that a resumed run needs to continue exactly where it stopped."""
+
+    step: int  # optimizer steps completed
+    micro_batches: int  # micro-batches consumed from the data stream (the data position)
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+
+
+def rng_state() -> dict:
+    """Python and torch RNG states (dropout, sampling), so a resumed run draws the same numbers."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_dir_name(step: int) -> str:
+    return f"{_PREFIX}{step:06d}"
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file so readers see either the old or the new content, never half."""
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(text)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    trainable: dict[str, torch.Tensor],
+    state: TrainingState,
+    config_yaml: str,
+    extra_writers: dict[str, Callable[[Path], None]] | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write ``output_dir/step_NNNNNN`` atomically and prune older ones.
+
+    Args:
+        output_dir: The run's folder.
+        step: Optimizer steps completed.
+        trainable: Tensors that training changes (adapter weights, or all weights), our names.
+        state: Optimizer/scheduler/RNG/data position.
+        config_yaml: The resolved config, kept beside the weights.
+        extra_writers: ``{subfolder: fn(path)}`` for export formats, e.g. ``{"adapter": save_peft}``.
+        keep_last: How many step folders to keep (older ones are deleted after the new one is in
+            place; 0 keeps all).
+
+    Returns:
+        The final checkpoint folder.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / step_dir_name(step)
+    tmp = output_dir / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+    torch.save(vars(state), tmp / "training_state.pt")
+    (tmp / "config.yaml").write_text(config_yaml)
+    for name, write in (extra_writers or {}).items():
+        write(tmp / name)
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
+        old = output_dir / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    atomic_write_text(output_dir / "LATEST", final.name + "\n")
+    if keep_last > 0:
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete step folders, oldest first (temp folders of interrupted saves are not listed)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)]
+    found = [p for p in found if (p / "training_state.pt").is_file() and (p / "trainable.safetensors").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def remove_stale_temp_dirs(output_dir: str | Path) -> None:
+    """Delete leftovers of saves that were interrupted (never a complete checkpoint)."""
+    output_dir = Path(output_dir)
+    if output_dir.is_dir():
+        for p in output_dir.iterdir():
+            if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".old-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(ckpt_dir: str | Path, params: dict[str, torch.nn.Parameter]) -> TrainingState:
+    """Copy saved tensors into ``params`` (strict names and shapes) and return the training state.
+
+    Raises:
+        CheckpointError: naming the file and the key when the checkpoint doesn't fit the model.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    weights_file = ckpt_dir / "trainable.safetensors"
+    saved = load_file(weights_file)
+    missing = sorted(set(params) - set(saved))
+    unexpected = sorted(set(saved) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights_file} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}. "
+            "Was it written with a different model or LoRA setting? Resume with the config it was written with "
+            f"(see {ckpt_dir / 'config.yaml'}) or use a fresh output_dir."
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            if saved[name].shape != p.shape:
+                raise CheckpointError(
+                    f"{weights_file}: '{name}' has shape {tuple(saved[name].shape)}, the model expects "
+                    f"{tuple(p.shape)}. Resume with the config in {ckpt_dir / 'config.yaml'} or a fresh output_dir."
+                )
+            p.copy_(saved[name])
+    raw: dict[str, Any] = torch.load(ckpt_dir / "training_state.pt", weights_only=True)  # no arbitrary pickle
+    return TrainingState(**raw)
