@@ -47,11 +47,24 @@ LLAMA2 = (
     "{% endfor %}"
 )
 
-TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "llama2": LLAMA2}
+# <bos><start_of_turn>user\ncontent<end_of_turn>\n<start_of_turn>model\n...   (Gemma; a system message is
+# folded into the first user turn, as Gemma 3's own template does)
+GEMMA = (
+    "{{ bos_token }}"
+    "{% set system = messages[0]['content'] + '\n\n' if messages and messages[0]['role'] == 'system' else '' %}"
+    "{% set turns = messages[1:] if system else messages %}"
+    "{% for message in turns %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (system if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "llama2": LLAMA2, "gemma": GEMMA}
 
 
 def get(name: str) -> str:
-    """The Jinja source of a fallback template: ``"chatml"``, ``"llama3"`` or ``"llama2"``."""
+    """The Jinja source of a fallback template: ``"chatml"``, ``"llama3"``, ``"llama2"`` or ``"gemma"``."""
     try:
         return TEMPLATES[name]
     except KeyError:

@@ -16,7 +16,8 @@ def pad_collate(items: list[dict], pad_id: int, ignore_index: int = IGNORE_INDEX
         ignore_index: Label written into padding, so it never counts in the loss.
 
     Returns:
-        ``{"tokens": [b, s] long, "labels": [b, s] long}`` with s the longest item.
+        ``{"tokens": [b, s] long, "labels": [b, s] long, "lengths": [b] long}`` with s the longest
+        item; ``lengths`` counts each row's real (non-padding) tokens, for throughput numbers.
     """
     if not items:
         raise ValueError("pad_collate got an empty batch")
@@ -27,4 +28,5 @@ def pad_collate(items: list[dict], pad_id: int, ignore_index: int = IGNORE_INDEX
         n = len(it["tokens"])
         tokens[row, :n] = torch.tensor(it["tokens"], dtype=torch.long)
         labels[row, :n] = torch.tensor(it["labels"], dtype=torch.long)
-    return {"tokens": tokens, "labels": labels}
+    lengths = torch.tensor([len(it["tokens"]) for it in items], dtype=torch.long)
+    return {"tokens": tokens, "labels": labels, "lengths": lengths}

@@ -62,7 +62,8 @@ def packed_collate(
     it, and positions counting from 0; its labels are ``ignore_index``.
 
     Returns:
-        ``{"tokens", "labels", "positions", "document_ids"}``, each [b, s] long.
+        ``{"tokens", "labels", "positions", "document_ids"}``, each [b, s] long, and ``lengths`` [b]
+        (real tokens per row).
     """
     if not rows:
         raise ValueError("packed_collate got an empty batch")
@@ -78,4 +79,5 @@ def packed_collate(
         if pad:
             out["positions"][b, n:] = torch.arange(pad)
             out["document_ids"][b, n:] = (max(r["document_ids"]) + 1) if n else 0
+    out["lengths"] = torch.tensor([len(r["tokens"]) for r in rows], dtype=torch.long)
     return out

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.data import load_tokenizer
-from tunesmith.models import load_peft_adapter, load_pretrained
+from tunesmith.models import load_peft_adapter
 from tunesmith.models.generation import generate
 from tunesmith.recipes.lora_single_device import Config as TrainingConfig
 from tunesmith.training.checkpointing import latest_checkpoint
 from tunesmith.training.config import ConfigError
-from tunesmith.training.setup import resolve_source, select_device, select_dtype
+from tunesmith.training.setup import load_model_and_tokenizer, select_device, select_dtype
 
 
 @dataclass
@@ -64,12 +63,11 @@ def main(cfg: Config) -> list[str]:
     device = select_device(cfg.device)
     dtype = select_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(resolve_source(cfg.tokenizer or cfg.model))
-    model = load_pretrained(resolve_source(cfg.model), dtype=dtype, device=device)
+    base = load_model_and_tokenizer(cfg.model, cfg.tokenizer, dtype, device, cfg.chat_template)
+    model, tokenizer = base.model, base.tokenizer
     adapter = find_adapter(cfg)
     if adapter is not None:
-        load_peft_adapter(model, adapter)
-        model.to(device=device, dtype=dtype)
+        load_peft_adapter(model, adapter)  # adds LoRA layers as adapter_config.json describes
     print(f"model: {cfg.model}" + (f" + adapter {adapter}" if adapter else " (no adapter)"), file=sys.stderr)
     model.eval()
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

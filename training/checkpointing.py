@@ -89,7 +89,7 @@ def save_checkpoint(
     trainable: dict[str, torch.Tensor],
     state: TrainingState,
     config_yaml: str,
-    extra_writers: dict[str, Callable[[Path], None]] | None = None,
+    extra_writers: dict[str, Callable[[Path], Any]] | None = None,
     keep_last: int = 2,
 ) -> Path:
     """Write ``output_dir/step_NNNNNN`` atomically and prune older ones.
@@ -185,3 +185,61 @@ def load_checkpoint(ckpt_dir: str | Path, params: dict[str, torch.nn.Parameter])
             p.copy_(saved[name])
     raw: dict[str, Any] = torch.load(ckpt_dir / "training_state.pt", weights_only=True)  # no arbitrary pickle
     return TrainingState(**raw)
+
+
+def resume_latest(
+    output_dir: str | Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any
+) -> int:
+    """Load the newest checkpoint in ``output_dir`` into params/optimizer/scheduler/RNG.
+
+    Returns:
+        The number of optimizer steps already done (0 when there is no checkpoint yet).
+    """
+    ckpt = latest_checkpoint(output_dir)
+    if ckpt is None:
+        print(f"resume: no checkpoint in {output_dir} yet, starting from step 0")
+        return 0
+    state = load_checkpoint(ckpt, params)
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    set_rng_state(state.rng)
+    print(f"resumed from {ckpt} at step {state.step}")
+    return state.step
+
+
+def save_adapter_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    micro_batches: int,
+    lora: Any,
+    base_model: str,
+    config_yaml: str,
+    keep_last: int = 2,
+    merged_tokenizer_dir: str | None = None,
+    save_merged: bool = False,
+) -> Path:
+    """Checkpoint a LoRA run: adapter weights + training state (resume), PEFT adapter, merged model.
+
+    Args:
+        lora: The run's ``LoRAOptions`` (rank, alpha, dropout, targets → ``adapter_config.json``).
+        base_model: Recorded as the adapter's ``base_model_name_or_path``.
+        merged_tokenizer_dir: Tokenizer files copied next to a merged model.
+        save_merged: Also write the merged full model (HF layout) into ``merged/``.
+    """
+    from tunesmith.models import save_hf_checkpoint, save_peft_adapter
+    from tunesmith.models.lora import lora_state_dict
+
+    state = TrainingState(step=step, micro_batches=micro_batches, optimizer=optimizer.state_dict(),
+                          scheduler=scheduler.state_dict(), rng=rng_state())
+    writers: dict[str, Callable[[Path], Any]] = {
+        "adapter": lambda path: save_peft_adapter(model, path, base_model=base_model, rank=lora.rank, alpha=lora.alpha,
+                                                  dropout=lora.dropout, targets=list(lora.targets)),
+    }
+    if save_merged:  # full model with the update folded in, HF layout (+ tokenizer files)
+        writers["merged"] = lambda path: save_hf_checkpoint(model, path, tokenizer_dir=merged_tokenizer_dir)
+    return save_checkpoint(output_dir, step, trainable=lora_state_dict(model), state=state, config_yaml=config_yaml,
+                           extra_writers=writers, keep_last=keep_last)

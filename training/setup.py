@@ -5,10 +5,14 @@ Each is one small function so recipes share them by calling, never by copying.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
+from tunesmith.training.batching import BatchStream
 from tunesmith.training.config import ConfigError
 from tunesmith.training.options import DataOptions
 
@@ -61,7 +65,7 @@ def load_sft_data(opts: DataOptions, tokenizer: Any, seed: int) -> tuple[Any, An
     """Read, split and tokenize the training and held-out examples.
 
     Returns:
-        ``(train, val)`` datasets whose items are ``{"tokens", "labels"}`` with shifted labels.
+        ``(train, val)`` ``SFTDataset``s whose items are ``{"tokens", "labels"}`` (labels shifted).
     """
     from tunesmith.data import SFTDataset, load_records, split_records
 
@@ -95,7 +99,6 @@ def resolve_source(source: str) -> str:
         return source
     import importlib
     import importlib.util
-    from pathlib import Path
 
     module, _, filename = source[len(PACKAGE_PREFIX):].partition("/")
     spec = importlib.util.find_spec(module)
@@ -107,3 +110,69 @@ def resolve_source(source: str) -> str:
     if not path.is_file():
         raise ConfigError(f"'{source}': package '{module}' has no file {filename}")
     return str(path)
+
+
+@dataclass
+class Pretrained:
+    """A loaded base model with its tokenizer, and where they came from (for saving)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    source: str  # resolved model path or Hub id (recorded as the adapter's base model)
+    tokenizer_dir: str | None  # folder whose tokenizer files a merged checkpoint copies
+
+
+def load_model_and_tokenizer(
+    model: str, tokenizer: str | None, dtype: torch.dtype, device: torch.device, chat_template: str | None = None
+) -> Pretrained:
+    """Load the base model (frozen weights in ``dtype`` on ``device``) and its tokenizer.
+
+    Args:
+        model: Local HF folder, Hub repo id, ``.gguf`` file, or ``package:MODULE/FILE``.
+        tokenizer: Tokenizer source when it differs from ``model``.
+        chat_template: Replace the tokenizer's chat template: a built-in name (chatml, llama3, llama2,
+            gemma) or a path to a Jinja file. Base models often ship none.
+    """
+    from tunesmith.data import chat_templates, load_tokenizer
+    from tunesmith.models import load_pretrained
+
+    source = resolve_source(model)
+    tokenizer_source = resolve_source(tokenizer or model)
+    tok = load_tokenizer(tokenizer_source)
+    if chat_template:
+        if Path(chat_template).is_file():
+            tok.chat_template = Path(chat_template).read_text()
+        elif chat_template in chat_templates.TEMPLATES:
+            tok.chat_template = chat_templates.get(chat_template)
+        else:
+            raise ConfigError(f"chat_template={chat_template!r} is neither a file nor one of "
+                              f"{', '.join(sorted(chat_templates.TEMPLATES))}")
+    net = load_pretrained(source, dtype=dtype, device=device)
+    return Pretrained(net, tok, source, tokenizer_source if Path(tokenizer_source).is_dir() else None)
+
+
+def sft_batches(opts: DataOptions, tokenizer: Any, batch_size: int, seed: int) -> tuple[BatchStream, BatchStream, Any]:
+    """Training and held-out micro-batch streams for supervised fine-tuning.
+
+    With ``opts.packing`` the training examples are packed into rows of ``max_seq_len`` (per-document
+    attention; see ``tunesmith.data.packing``); held-out examples stay one per row so the loss is
+    comparable across settings.
+
+    Returns:
+        ``(train_batches, val_batches, val_set)``; ``val_set.prompt_messages(i)`` gives sample prompts.
+    """
+    from tunesmith.data import pack_items, packed_collate, pad_collate
+
+    train_set, val_set = load_sft_data(opts, tokenizer, seed)
+    collate = partial(pad_collate, pad_id=tokenizer.pad_id)
+    if opts.packing:
+        train: Any = pack_items(train_set.items, opts.max_seq_len)
+        train_batches = BatchStream(train, batch_size, partial(packed_collate, pad_id=tokenizer.pad_id), seed=seed)
+    else:
+        train_batches = BatchStream(train_set, batch_size, collate, seed=seed)
+    val_batches = BatchStream(val_set, min(batch_size, len(val_set)), collate, shuffle=False)
+    return train_batches, val_batches, val_set
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
