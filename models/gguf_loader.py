@@ -13,7 +13,7 @@ provides ``config_from_gguf(meta)``, ``gguf_to_ours(cfg)`` and ``fix_gguf_tensor
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,12 @@ def dequantize_tensor(t: Any) -> Tensor:
     return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
+def load_gguf(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    nf4_targets: Sequence[str] = (),
+) -> nn.Module:
     """Build our model from a GGUF file: config from its metadata, weights dequantized.
 
     The output head is tied to the token embedding when the file has no ``output.weight``
@@ -57,6 +62,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torc
         path: The ``.gguf`` file.
         dtype: Parameter dtype of the returned model.
         device: Where the parameters live.
+        nf4_targets: Leaf names of linear layers re-quantized to NF4 as they are read (QLoRA);
+            see ``hf_checkpoint.build_empty``.
 
     Returns:
         The model in eval mode.
@@ -93,6 +100,6 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torc
             ours = names.get(t.name)
             yield t.name, path, family.fix_gguf_tensor(ours, w, cfg) if ours else w
 
-    model = build_empty(cls, cfg, dtype, device)
-    load_state_into(model, tensors(), names, str(path))
+    model = build_empty(cls, cfg, dtype, device, nf4_targets)
+    load_state_into(model, tensors(), names, str(path), device)
     return model.eval()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from tunesmith.models import gemma_hf, llama_hf
+from tunesmith.models import gemma_hf, llama_hf, nf4
 from tunesmith.models.gemma import Gemma
 from tunesmith.models.llama import Llama
 
@@ -165,13 +165,21 @@ def read_config(model_dir: Path) -> tuple[dict[str, Any], ModuleType, type[nn.Mo
 # ------------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------------
-def build_empty(cls: type[nn.Module], cfg: Any, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+def build_empty(
+    cls: type[nn.Module], cfg: Any, dtype: torch.dtype, device: torch.device | str, nf4_targets: Sequence[str] = ()
+) -> nn.Module:
     """``cls(cfg)`` with uninitialised weights of ``dtype`` on ``device``, ready to be filled in.
 
     When the class can recompute its buffers (``reset_buffers``), the model is built on the meta
     device and only then given real storage, so no time goes into a random init that the
     checkpoint overwrites. Tied parameters are re-tied after ``to_empty`` (which would give each
     use its own tensor).
+
+    Args:
+        nf4_targets: Leaf names of ``nn.Linear`` layers (``q_proj``, …) whose weights will be stored
+            as NF4 (QLoRA). Their weights stay on the meta device here, so no dense copy is ever
+            allocated; ``load_state_into`` quantizes each one as it is read. Weights shared with
+            another module (a tied output head) stay dense: the embedding needs them anyway.
     """
     if not hasattr(cls, "reset_buffers"):
         return cls(cfg).to(device=device, dtype=dtype)
@@ -182,7 +190,18 @@ def build_empty(cls: type[nn.Module], cfg: Any, dtype: torch.dtype, device: torc
     for name, p in model.named_parameters(remove_duplicate=False):
         owner, _, attr = name.rpartition(".")
         uses.setdefault(id(p), []).append((model.get_submodule(owner) if owner else model, attr))
-    model.to(dtype=dtype).to_empty(device=device)
+    model.to(dtype=dtype)
+    # Hide the weights that will be quantized from to_empty, then put the meta tensors back.
+    deferred = [
+        (module, module.weight)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in nf4_targets and len(uses[id(module.weight)]) == 1
+    ]
+    for module, _ in deferred:
+        module.weight = None
+    model.to_empty(device=device)
+    for module, weight in deferred:
+        module.weight = weight
     for sites in uses.values():
         first = getattr(*sites[0])
         for module, attr in sites[1:]:
@@ -203,15 +222,25 @@ def iter_checkpoint(files: dict[str, Path]) -> Iterator[tuple[str, Path, Tensor]
 
 
 def load_state_into(
-    model: nn.Module, tensors: Iterator[tuple[str, Path, Tensor]], names: dict[str, str | None], what: str
+    model: nn.Module,
+    tensors: Iterator[tuple[str, Path, Tensor]],
+    names: dict[str, str | None],
+    what: str,
+    device: torch.device | str = "cpu",
 ) -> None:
     """Copy checkpoint tensors into ``model``'s parameters, checking names and shapes.
+
+    A parameter still on the meta device (left there by ``build_empty(..., nf4_targets)``) is
+    replaced by the NF4 quantization of its tensor, cast to the parameter's dtype first (NF4
+    remembers that dtype for dequantization). Only one dense tensor is alive at a time, so peak
+    memory while loading stays near the quantized model's size.
 
     Args:
         model: Target model (its parameters are written in place, cast to their dtype).
         tensors: (checkpoint name, file, tensor) triples, e.g. from ``iter_checkpoint``.
         names: Checkpoint name → our state-dict name, or ``None`` to skip (the family table).
         what: Describes the checkpoint in errors (a directory or file path).
+        device: Where quantized weights are put.
 
     Raises:
         CheckpointFormatError: an unknown name, a shape mismatch (naming file, key and both shapes), or
@@ -235,7 +264,13 @@ def load_state_into(
                     f"{path}: tensor {name!r} has shape {tuple(tensor.shape)} but the model's {ours!r} "
                     f"expects {tuple(param.shape)}; does config.json belong to these weights?"
                 )
-            param.copy_(tensor)
+            if param.is_meta:
+                owner, _, attr = ours.rpartition(".")
+                dense = tensor.to(device=device, dtype=param.dtype)
+                setattr(model.get_submodule(owner), attr, nn.Parameter(nf4.to_nf4(dense, ours), requires_grad=False))
+                del dense
+            else:
+                param.copy_(tensor)
             loaded.add(ours)
     if unknown:
         raise CheckpointFormatError(f"{what}: unexpected tensor(s) not used by this model: {sorted(unknown)[:10]}")
@@ -245,7 +280,10 @@ def load_state_into(
 
 
 def load_hf_checkpoint(
-    source: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    source: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    nf4_targets: Sequence[str] = (),
 ) -> nn.Module:
     """Load a Hugging Face model directory or Hub repo id as our native model.
 
@@ -253,6 +291,8 @@ def load_hf_checkpoint(
         source: Local directory (``config.json`` + safetensors) or Hub repo id.
         dtype: Parameter dtype (weights are cast tensor by tensor while loading).
         device: Where the parameters live.
+        nf4_targets: Leaf names of linear layers to store as NF4 while loading (QLoRA); see
+            ``build_empty``. ``apply_lora(..., quantize_base=True)`` then reuses these weights.
 
     Returns:
         The model in eval mode.
@@ -264,8 +304,8 @@ def load_hf_checkpoint(
     except ValueError as e:
         raise CheckpointFormatError(f"{model_dir / 'config.json'}: {e}") from e
     files = safetensors_files(model_dir)
-    model = build_empty(cls, cfg, dtype, device)
-    load_state_into(model, iter_checkpoint(files), family.hf_to_ours(cfg), str(model_dir))
+    model = build_empty(cls, cfg, dtype, device, nf4_targets)
+    load_state_into(model, iter_checkpoint(files), family.hf_to_ours(cfg), str(model_dir), device)
     return model.eval()
 
 

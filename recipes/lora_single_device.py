@@ -1,6 +1,6 @@
 """LoRA fine-tuning on one device (GPU or CPU).
 
-    load base model (frozen) + tokenizer ─► add LoRA adapters ─► tokenize data
+    load base model (frozen; NF4 if quantize_base) + tokenizer ─► add LoRA adapters ─► tokenize data
     report held-out loss and a sample answer (before)
     for step in steps:
         take grad_accum_steps micro-batches; count their labelled tokens N
@@ -34,7 +34,9 @@ from tunesmith.training.metrics import MetricLogger, peak_memory_gib
 from tunesmith.training.options import DataOptions, LoRAOptions
 from tunesmith.training.schedules import warmup_cosine
 from tunesmith.training.setup import (
+    activation_offloading,
     build_optimizer,
+    compile_model_and_loss,
     load_model_and_tokenizer,
     select_device,
     select_dtype,
@@ -66,10 +68,26 @@ class Config:
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warmup before cosine decay.
         max_grad_norm: Clip the gradient norm to this; 0 disables clipping.
-        optimizer: ``adamw``, ``adamw8bit`` or ``paged_adamw8bit``.
-        activation_checkpointing: Recompute each block in backward (less memory, ~30% slower).
-        loss: ``cross_entropy`` or an import path to your own loss class (see training/losses.py).
-        loss_args: Keyword arguments for the loss class.
+        quantize_base: QLoRA: store the adapted layers' frozen base weights in NF4 (~4.1 bits per
+            weight: about 4x less weight memory than bf16; each forward dequantizes, so steps are
+            slower, and logits move by the NF4 rounding error). Quantized while loading, layer by layer.
+
+        The memory / speed toolbox (each switch is independent; the loss is unchanged by all of them):
+
+        optimizer: ``adamw``; ``adamw8bit`` (bitsandbytes: optimizer state in 8 bits, ~4x smaller,
+            updates close to AdamW's) or ``paged_adamw8bit`` (also lets the state spill to CPU under
+            GPU memory pressure instead of failing).
+        activation_checkpointing: Recompute each block in backward: activation memory drops to one
+            block input per layer, for ~30% more compute.
+        activation_offloading: CUDA only: keep activations saved for backward in CPU memory
+            (``save_on_cpu``); frees GPU memory at the cost of host↔device copies each step.
+        compile: ``torch.compile`` the blocks and the loss: faster steps and fewer intermediates,
+            after a one-off compilation (tens of seconds; a new sequence length may recompile).
+        loss: ``cross_entropy`` (projects only labelled positions to the vocabulary, in chunks, so
+            the full fp32 [tokens × vocab] logits never exist) or an import path to your own loss
+            class (see training/losses.py).
+        loss_args: Keyword arguments for the loss class; ``chunk_size`` for ``cross_entropy``
+            (smaller: less memory for logits, slightly slower; 0: one chunk).
         eval_every: Held-out loss every N steps (0: only before and after training).
         eval_batches: At most this many held-out micro-batches per evaluation (0: all).
         save_every: Checkpoint every N steps (0: only at the end).
@@ -97,8 +115,11 @@ class Config:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
+    quantize_base: bool = False
     optimizer: str = "adamw"
     activation_checkpointing: bool = False
+    activation_offloading: bool = False
+    compile: bool = False
     loss: str = "cross_entropy"
     loss_args: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 0
@@ -109,6 +130,13 @@ class Config:
     resume: bool = False
     sample_max_new_tokens: int = 48
     tensorboard: bool = True
+
+
+def estimate_memory(cfg: Config) -> Any:
+    """Expected peak memory of this run, split by kind (printed by ``tune-run ... --dry-run``)."""
+    from tunesmith.training.memory import estimate_run_memory
+
+    return estimate_run_memory(cfg)
 
 
 def build_loss(name: str, args: dict[str, Any]) -> Any:
@@ -125,9 +153,11 @@ def main(cfg: Config) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     remove_stale_temp_dirs(output_dir)
 
-    base = load_model_and_tokenizer(cfg.model, cfg.tokenizer, dtype, device, cfg.chat_template)
+    nf4_targets = cfg.lora.targets if cfg.quantize_base else []  # QLoRA: quantize while loading
+    base = load_model_and_tokenizer(cfg.model, cfg.tokenizer, dtype, device, cfg.chat_template, nf4_targets)
     model, tokenizer = base.model, base.tokenizer
-    apply_lora(model, cfg.lora.targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
+    apply_lora(model, cfg.lora.targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+               quantize_base=cfg.quantize_base)
     model.activation_checkpointing = cfg.activation_checkpointing
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # the adapters
 
@@ -136,6 +166,9 @@ def main(cfg: Config) -> dict[str, Any]:
     optimizer = build_optimizer(params.values(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total_steps)
     loss_fn = build_loss(cfg.loss, cfg.loss_args)
+    if cfg.compile:
+        compile_model_and_loss(model, loss_fn)
+    offload = activation_offloading(cfg.activation_offloading, device)
     step = resume_latest(output_dir, params, optimizer, scheduler) if cfg.resume else 0
 
     def save(at_step: int, final: bool = False) -> Path:
@@ -163,8 +196,9 @@ def main(cfg: Config) -> dict[str, Any]:
         step_loss = 0.0
         for mb in micro:
             mb = to_device(mb, device)
-            hidden = model.hidden_states(mb["tokens"], positions=mb.get("positions"), document_ids=mb.get("document_ids"))
-            loss = loss_fn(hidden, mb["labels"], model.logits) / max(1, num_labelled)
+            with offload():  # saved activations go to CPU memory when activation_offloading is on
+                hidden = model.hidden_states(mb["tokens"], positions=mb.get("positions"), document_ids=mb.get("document_ids"))
+                loss = loss_fn(hidden, mb["labels"], model.logits) / max(1, num_labelled)
             loss.backward()
             step_loss += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm or float("inf"))

@@ -159,3 +159,19 @@ def test_chat_template_renders_like_transformers(template, tokenizer_dirs, tmp_p
         text = ref.apply_chat_template(with_system, tokenize=False)
         assert ours.render_chat(with_system) == text
         assert text.startswith("<bos><start_of_turn>user\nBe brief.\n\nHi there!<end_of_turn>")
+
+
+@pytest.mark.parametrize("with_system", [False, True])
+def test_fallback_gemma_template_renders_like_gemma3s_own(with_system):
+    """The built-in `chat_template: gemma` (for GGUFs that carry none) equals Gemma 3's released template."""
+    from tunesmith.data import chat_templates
+    from tunesmith.data.tokenizer import compile_template
+
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Name a city."}]
+    if with_system:
+        messages = [{"role": "system", "content": "Answer briefly."}] + messages
+    kw = dict(messages=messages, add_generation_prompt=True, bos_token="<bos>", eos_token="<eos>")
+    ours = compile_template(chat_templates.get("gemma")).render(**kw)
+    theirs = compile_template(GEMMA3_TEMPLATE).render(**kw)
+    assert ours == theirs

@@ -43,13 +43,22 @@ class CrossEntropyLoss:
 
     def __init__(self, chunk_size: int = 1024) -> None:
         self.chunk_size = chunk_size
+        self.chunk_loss: Callable[[Tensor, Tensor, Callable[[Tensor], Tensor]], Tensor] = _chunk_cross_entropy
+
+    def compile(self) -> None:
+        """Compile the per-chunk projection + cross-entropy (``torch.compile``).
+
+        The fused kernel computes log-softmax without keeping a separate fp32 copy of the chunk's
+        logits, so each chunk needs less memory and time; the first call pays the compilation.
+        """
+        self.chunk_loss = torch.compile(_chunk_cross_entropy, dynamic=True)
 
     def __call__(self, hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor]) -> Tensor:
         keep = labels != IGNORE_INDEX
         h, y = hidden[keep], labels[keep]  # [n, d], [n]: prompt and padding positions are never projected
         if self.chunk_size <= 0 or h.shape[0] <= self.chunk_size:
-            return _chunk_cross_entropy(h, y, head)
+            return self.chunk_loss(h, y, head)
         total = hidden.new_zeros((), dtype=torch.float32)
         for h_chunk, y_chunk in zip(h.split(self.chunk_size), y.split(self.chunk_size)):
-            total = total + checkpoint(_chunk_cross_entropy, h_chunk, y_chunk, head, use_reentrant=False)
+            total = total + checkpoint(self.chunk_loss, h_chunk, y_chunk, head, use_reentrant=False)
         return total

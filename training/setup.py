@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -123,7 +124,12 @@ class Pretrained:
 
 
 def load_model_and_tokenizer(
-    model: str, tokenizer: str | None, dtype: torch.dtype, device: torch.device, chat_template: str | None = None
+    model: str,
+    tokenizer: str | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    chat_template: str | None = None,
+    nf4_targets: Sequence[str] = (),
 ) -> Pretrained:
     """Load the base model (frozen weights in ``dtype`` on ``device``) and its tokenizer.
 
@@ -132,9 +138,11 @@ def load_model_and_tokenizer(
         tokenizer: Tokenizer source when it differs from ``model``.
         chat_template: Replace the tokenizer's chat template: a built-in name (chatml, llama3, llama2,
             gemma) or a path to a Jinja file. Base models often ship none.
+        nf4_targets: Leaf names of linear layers stored as NF4 as they are read (QLoRA): peak memory
+            while loading stays near the 4-bit size instead of the ``dtype`` size.
     """
     from tunesmith.data import chat_templates, load_tokenizer
-    from tunesmith.models import load_pretrained
+    from tunesmith.models import load_gguf, load_hf_checkpoint
 
     source = resolve_source(model)
     tokenizer_source = resolve_source(tokenizer or model)
@@ -147,7 +155,8 @@ def load_model_and_tokenizer(
         else:
             raise ConfigError(f"chat_template={chat_template!r} is neither a file nor one of "
                               f"{', '.join(sorted(chat_templates.TEMPLATES))}")
-    net = load_pretrained(source, dtype=dtype, device=device)
+    load = load_gguf if source.endswith(".gguf") else load_hf_checkpoint
+    net = load(source, dtype=dtype, device=device, nf4_targets=nf4_targets)
     return Pretrained(net, tok, source, tokenizer_source if Path(tokenizer_source).is_dir() else None)
 
 
@@ -176,3 +185,45 @@ def sft_batches(opts: DataOptions, tokenizer: Any, batch_size: int, seed: int) -
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The memory / speed toolbox: switches every recipe offers (see each recipe's Config docstring)
+# ------------------------------------------------------------------------------------------------
+def compile_model_and_loss(model: torch.nn.Module, loss_fn: Any) -> None:
+    """``torch.compile`` each transformer block and the loss's per-chunk projection + CE, in place.
+
+    Blocks are compiled one by one (``nn.Module.compile`` keeps the module, its parameters and
+    state-dict keys as they are); all blocks share one compiled graph because they run the same
+    code. Trade-off: the first steps pay the compilation (tens of seconds, more on CPU) and a new
+    sequence length may recompile once (then shapes are treated as dynamic); afterwards fused
+    kernels make each step faster and save the intermediates they fuse away.
+
+    Args:
+        model: A native model with ``layers`` (Llama, Gemma).
+        loss_fn: The loss; compiled too when it has a ``compile()`` method (``CrossEntropyLoss``).
+    """
+    for layer in model.layers:
+        layer.compile()
+    if hasattr(loss_fn, "compile"):
+        loss_fn.compile()
+
+
+def activation_offloading(enabled: bool, device: torch.device) -> Callable[[], AbstractContextManager]:
+    """A context factory for the forward pass: with offloading, activations saved for backward
+    move to (pinned) CPU memory and come back when backward needs them.
+
+    Trade-off: GPU memory for activations drops to about one block's worth, at the cost of
+    host↔device copies each step (often 10–30% slower; worth it for long sequences). Combine with
+    activation checkpointing to offload only the block inputs. CUDA only: on CPU the activations
+    already live in host memory.
+
+    Raises:
+        ConfigError: offloading requested on a non-CUDA device.
+    """
+    if not enabled:
+        return nullcontext
+    if device.type != "cuda":
+        raise ConfigError(f"activation_offloading=true needs a CUDA device (got device={device}); "
+                          "on CPU activations are already in host memory: set activation_offloading=false")
+    return lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)

@@ -1,0 +1,200 @@
+"""Preference data: (prompt, chosen, rejected) records → tokenized pairs with response-only labels.
+
+    load_records("data/demo/preference_train.jsonl")
+    PreferenceDataset(records, tokenizer, max_seq_len=512)[i]
+        → {"chosen_tokens", "chosen_labels", "rejected_tokens", "rejected_labels", "index"}
+
+Three record layouts are read, told apart per record:
+
+    plain       {"prompt": str, "chosen": str, "rejected": str}
+    chat        {"prompt": str | [messages], "chosen": [messages], "rejected": [messages]}
+                (binarized UltraFeedback: chosen/rejected are the whole conversation ending in the
+                assistant answer; the prompt is what comes before that answer)
+    transcript  {"chosen": "\\n\\nHuman: … \\n\\nAssistant: …", "rejected": "…"}   (Anthropic HH)
+                both transcripts share everything up to the final "Assistant:" turn
+
+Both sides are rendered with the model's chat template. Labels are shifted as in ``SFTDataset``
+(``labels[t]`` is the target for position t) and are on only for the FINAL assistant turn: earlier
+assistant turns belong to the prompt, and the preference is about the last answer only.
+
+Errors name the file and line (or record) and the field at fault.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from tunesmith.data.collate import IGNORE_INDEX, pad_collate
+from tunesmith.data.datasets import ROLES, DataError, shifted_labels
+from tunesmith.data.tokenizer import Tokenizer
+
+Messages = list[dict[str, str]]
+
+# "\n\nHuman: " / "\n\nAssistant: " turn markers of the Anthropic HH transcripts.
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _messages(value: Any, field: str, where: str) -> Messages:
+    """Validate a list of {"role", "content"} dicts."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field {field!r} must be a string or a non-empty list of "
+                        f"{{'role', 'content'}} messages, got {type(value).__name__}")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: {field}[{j}] must be an object with string 'role' and 'content', got {m!r:.80}")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: {field}[{j}] has role {m['role']!r}; expected one of {ROLES}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def parse_transcript(text: str, field: str, where: str) -> Messages:
+    """An Anthropic HH transcript ("\\n\\nHuman: hi\\n\\nAssistant: hello") as chat messages."""
+    parts = _HH_TURN.split(text)  # [preamble, role, content, role, content, ...]
+    if len(parts) < 3 or parts[0].strip():
+        raise DataError(f"{where}: field {field!r} is not a '\\n\\nHuman: … \\n\\nAssistant: …' transcript "
+                        "(and the record has no 'prompt' field)")
+    return [{"role": _HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
+
+
+def _split_last_answer(conversation: Messages, field: str, where: str) -> tuple[Messages, str]:
+    """(everything before the final assistant message, that message's content)."""
+    if conversation[-1]["role"] != "assistant":
+        raise DataError(f"{where}: field {field!r} must end with an assistant message (the answer being judged), "
+                        f"it ends with a {conversation[-1]['role']!r} message")
+    return conversation[:-1], conversation[-1]["content"]
+
+
+def record_to_pair(record: dict, where: str) -> tuple[Messages, str, str]:
+    """One preference record as ``(prompt messages, chosen answer, rejected answer)``.
+
+    Args:
+        record: A raw dict in one of the layouts of this module's docstring.
+        where: Its location (``"train.jsonl line 3"``) for error messages.
+
+    Raises:
+        DataError: naming ``where`` and the missing or malformed field.
+    """
+    for name in ("chosen", "rejected"):
+        if record.get(name) is None:
+            raise DataError(f"{where}: missing field {name!r} (fields present: {sorted(record)}); a preference "
+                            "record needs 'prompt', 'chosen' and 'rejected' (or HH-style 'chosen'/'rejected' transcripts)")
+    chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt")
+
+    if prompt is None:  # only Anthropic HH transcripts carry their prompt inside chosen/rejected
+        if not isinstance(chosen, str):
+            raise DataError(f"{where}: missing field 'prompt' (fields present: {sorted(record)})")
+        if not isinstance(rejected, str):
+            raise DataError(f"{where}: field 'rejected' must be a transcript string like 'chosen', got {type(rejected).__name__}")
+        chosen_conv, rejected_conv = parse_transcript(chosen, "chosen", where), parse_transcript(rejected, "rejected", where)
+        prompt_messages, chosen_answer = _split_last_answer(chosen_conv, "chosen", where)
+        rejected_prefix, rejected_answer = _split_last_answer(rejected_conv, "rejected", where)
+        if rejected_prefix != prompt_messages:
+            raise DataError(f"{where}: 'chosen' and 'rejected' transcripts differ before their final Assistant turn; "
+                            "a preference pair must answer the same conversation")
+        return prompt_messages, chosen_answer, rejected_answer
+
+    if isinstance(prompt, str):
+        prompt_messages = [{"role": "user", "content": prompt}]
+    else:
+        prompt_messages = _messages(prompt, "prompt", where)
+    answers = []
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(value, str):
+            answers.append(value)
+            continue
+        conversation = _messages(value, name, where)
+        prefix, answer = _split_last_answer(conversation, name, where)
+        # UltraFeedback repeats the prompt inside chosen/rejected; a bare [assistant] list does not.
+        if prefix:
+            prompt_messages = prefix
+        answers.append(answer)
+    if not prompt_messages or prompt_messages[-1]["role"] == "assistant":
+        raise DataError(f"{where}: field 'prompt' must end with a user (or system/tool) message, not an answer")
+    return prompt_messages, answers[0], answers[1]
+
+
+def last_turn_labels(tokens: list[int], mask: list[bool]) -> list[int]:
+    """Shifted labels on the last contiguous run of ``mask`` (the final assistant turn) only."""
+    end = max((i for i, m in enumerate(mask) if m), default=-1) + 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    last = [start <= i < end for i in range(len(mask))]
+    return shifted_labels(tokens, last)
+
+
+class PreferenceDataset(Dataset):
+    """Tokenized preference pairs, built eagerly so bad data fails at startup.
+
+    Args:
+        records: Dicts from ``load_records`` (their ``locations`` name file and line in errors).
+        tokenizer: Renders prompt + answer with the model's chat template.
+        max_seq_len: Each side is truncated to this many tokens; pairs left with no answer token
+            on either side are dropped (with a warning).
+        source_name: Names the data in messages when the records carry no locations.
+
+    Items: ``{"chosen_tokens", "chosen_labels", "rejected_tokens", "rejected_labels": list[int],
+    "index": int}``; ``index`` is the pair's position in the dataset (precomputed reference
+    log-probs are looked up by it).
+    """
+
+    def __init__(self, records: list[dict], tokenizer: Tokenizer, *, max_seq_len: int = 1024,
+                 source_name: str = "data") -> None:
+        locations = getattr(records, "locations", None) or [f"{source_name} record {i}" for i in range(len(records))]
+        self.items: list[dict] = []
+        self.prompts: list[Messages] = []
+        dropped = 0
+        for record, where in zip(records, locations):
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected an object, got {type(record).__name__}")
+            prompt, chosen, rejected = record_to_pair(record, where)
+            item: dict[str, Any] = {}
+            for side, answer in (("chosen", chosen), ("rejected", rejected)):
+                tokens, mask = tokenizer.tokenize_messages(prompt + [{"role": "assistant", "content": answer}])
+                tokens, mask = tokens[:max_seq_len], mask[:max_seq_len]
+                item[f"{side}_tokens"], item[f"{side}_labels"] = tokens, last_turn_labels(tokens, mask)
+            if all(y == IGNORE_INDEX for y in item["chosen_labels"]) or all(y == IGNORE_INDEX for y in item["rejected_labels"]):
+                dropped += 1
+                continue
+            item["index"] = len(self.items)
+            self.items.append(item)
+            self.prompts.append(prompt)
+        if dropped:
+            warnings.warn(f"{source_name}: dropped {dropped} pair(s) whose answer starts beyond "
+                          f"max_seq_len={max_seq_len}; raise max_seq_len to keep them")
+        if not self.items:
+            raise DataError(f"{source_name}: no usable preference pairs ({len(records)} records read)")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+    def prompt_messages(self, i: int) -> Messages:
+        """Pair ``i``'s prompt (for a sample answer)."""
+        return self.prompts[i]
+
+
+def preference_collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack b pairs into ONE right-padded batch of 2b rows: chosen first, then rejected.
+
+    One batch means one forward pass for both sides (the weights are read once per step).
+
+    Returns:
+        ``{"tokens": [2b, s], "labels": [2b, s], "lengths": [2b], "index": [b]}``; rows ``:b`` are
+        the chosen responses, rows ``b:`` the rejected ones, in the same pair order.
+    """
+    rows = [{"tokens": it[f"{side}_tokens"], "labels": it[f"{side}_labels"]}
+            for side in ("chosen", "rejected") for it in items]
+    batch = pad_collate(rows, pad_id)
+    batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+    return batch

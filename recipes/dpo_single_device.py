@@ -1,0 +1,232 @@
+"""Preference optimisation (DPO, IPO, SLiC hinge, robust DPO, SimPO, ORPO) on one device.
+
+    load base model + tokenizer ─► LoRA adapters (or train all weights: full=true) ─► tokenize pairs
+    reference = the same network with adapters disabled (LoRA) | a frozen copy (full)
+                | a table computed once per dataset pass (precompute_reference=true)
+    report held-out reward accuracy (before)
+    for step in steps:
+        for each of grad_accum_steps micro-batches of b pairs:
+            chosen + rejected: ONE forward pass over 2b rows → summed response log-probs
+            reference log-probs (no grad) ; loss_fn(...) → per-pair losses, rewards
+            loss = Σ pair losses / pairs in the step ; loss.backward()
+        clip grad norm ; AdamW step ; LR schedule step
+        log (loss, reward accuracy, margin, rewards, log-probs, lr, tokens/s) ; eval ; checkpoint
+    report held-out reward accuracy (after) ; final checkpoint (PEFT adapter / merged model)
+
+The loss is chosen by name or import path (``loss=ipo``, ``loss=my_losses.MyLoss``) with its own
+``loss_args``; every loss takes the same ``PreferenceLogProbs`` (see training/preference_losses.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import MISSING
+
+from tunesmith.models import apply_lora
+from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
+from tunesmith.training.config import to_yaml
+from tunesmith.training.evaluation import sample_answer
+from tunesmith.training.metrics import MetricLogger, peak_memory_gib
+from tunesmith.training.options import LoRAOptions
+from tunesmith.training.preference import (
+    PreferenceDataOptions,
+    Reference,
+    evaluate_preferences,
+    mean_metrics,
+    pair_metrics,
+    preference_batches,
+    preference_logprobs,
+    report_preferences,
+    save_full_checkpoint,
+)
+from tunesmith.training.preference_losses import build_preference_loss
+from tunesmith.training.schedules import warmup_cosine
+from tunesmith.training.setup import build_optimizer, load_model_and_tokenizer, select_device, select_dtype, to_device
+
+
+@dataclass
+class Config:
+    """Options of this recipe (YAML keys and ``key=value`` overrides use these names).
+
+    Attributes:
+        model: Base model: a local HF folder, a Hub repo id, or a ``.gguf`` file.
+        tokenizer: Tokenizer source when it differs from ``model``.
+        chat_template: Override the tokenizer's chat template (chatml, llama3, llama2, gemma, or a Jinja file).
+        data: Preference pairs (see ``PreferenceDataOptions``).
+        lora: Adapter shape and placement (see ``LoRAOptions``); unused when ``full``.
+        full: Train all weights instead of LoRA adapters; the reference is then a frozen copy of the
+            starting model (or, with ``precompute_reference``, no copy at all).
+        precompute_reference: Compute the reference log-probs once per dataset pass before training
+            instead of one extra no-grad forward per step.
+        loss: ``dpo``, ``robust_dpo``, ``ipo``, ``hinge``, ``simpo``, ``orpo`` or an import path to your class.
+        loss_args: Keyword arguments of the loss class (``beta``, ``label_smoothing``, ``gamma``, ...).
+        output_dir: Checkpoints, TensorBoard events and the final adapter go here.
+        device: ``auto``, ``cpu``, ``cuda``.
+        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
+        seed: Seeds adapter init, dropout and data order.
+        batch_size: Preference pairs per micro-batch (the forward pass sees twice as many rows).
+        grad_accum_steps: Micro-batches per optimizer step.
+        epochs: Passes over the training pairs (ignored when ``max_steps`` > 0).
+        max_steps: Optimizer steps to run; 0 means ``epochs`` worth.
+        lr: Peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warmup before cosine decay.
+        max_grad_norm: Clip the gradient norm to this; 0 disables clipping.
+        optimizer: ``adamw``, ``adamw8bit`` or ``paged_adamw8bit``.
+        activation_checkpointing: Recompute each block in backward (less memory, slower).
+        eval_every: Held-out metrics every N steps (0: only before and after training).
+        eval_batches: At most this many held-out micro-batches per evaluation (0: all).
+        save_every: Checkpoint every N steps (0: only at the end).
+        keep_last: Step checkpoints kept on disk (0: all).
+        save_merged: Also write a merged full model in the HF layout at the end.
+        resume: Continue from the newest checkpoint in ``output_dir``.
+        sample_max_new_tokens: Length of the before/after sample answer (0: no sample).
+        tensorboard: Write TensorBoard events to ``output_dir/tensorboard``.
+    """
+
+    model: str = MISSING
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    data: PreferenceDataOptions = field(default_factory=PreferenceDataOptions)
+    lora: LoRAOptions = field(default_factory=LoRAOptions)
+    full: bool = False
+    precompute_reference: bool = False
+    loss: str = "dpo"
+    loss_args: dict[str, Any] = field(default_factory=dict)
+    output_dir: str = "output/dpo"
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    batch_size: int = 4
+    grad_accum_steps: int = 1
+    epochs: int = 1
+    max_steps: int = 0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw"
+    activation_checkpointing: bool = False
+    eval_every: int = 0
+    eval_batches: int = 0
+    save_every: int = 0
+    keep_last: int = 2
+    save_merged: bool = False
+    resume: bool = False
+    sample_max_new_tokens: int = 0
+    tensorboard: bool = True
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    # ---- setup -------------------------------------------------------------------------------------
+    device = select_device(cfg.device)
+    dtype = select_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+    remove_stale_temp_dirs(output_dir)
+
+    base = load_model_and_tokenizer(cfg.model, cfg.tokenizer, dtype, device, cfg.chat_template)
+    model, tokenizer = base.model, base.tokenizer
+    if cfg.full:
+        model.requires_grad_(True)
+    else:
+        apply_lora(model, cfg.lora.targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    batches, val_batches, train_set, val_set = preference_batches(cfg.data, tokenizer, cfg.batch_size, cfg.seed)
+    total_steps = cfg.max_steps or cfg.epochs * batches.per_epoch // cfg.grad_accum_steps
+    optimizer = build_optimizer(params.values(), cfg.optimizer, cfg.lr, cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total_steps)
+    loss_fn = build_preference_loss(cfg.loss, cfg.loss_args)
+
+    # The reference is fixed at the starting weights, so it is built before any resume loads trained ones.
+    reference, train_table, val_table = None, None, None
+    if getattr(loss_fn, "needs_reference", True):
+        copy_needed = cfg.full and not cfg.precompute_reference
+        reference = Reference.copy_of(model) if copy_needed else Reference(model)
+        if cfg.precompute_reference:
+            train_table = reference.precompute(train_set, batches.collate, cfg.batch_size, device)
+            val_table = reference.precompute(val_set, val_batches.collate, cfg.batch_size, device)
+    step = resume_latest(output_dir, params, optimizer, scheduler) if cfg.resume else 0
+
+    def save(at_step: int, final: bool = False) -> Path:
+        common = dict(model=model, optimizer=optimizer, scheduler=scheduler, micro_batches=at_step * cfg.grad_accum_steps,
+                      config_yaml=to_yaml(cfg), keep_last=cfg.keep_last, save_merged=final and cfg.save_merged)
+        if cfg.full:
+            return save_full_checkpoint(output_dir, at_step, tokenizer_dir=base.tokenizer_dir, **common)
+        return save_adapter_checkpoint(output_dir, at_step, lora=cfg.lora, base_model=base.source,
+                                       merged_tokenizer_dir=base.tokenizer_dir, **common)
+
+    def held_out(when: str) -> dict[str, float]:
+        metrics = evaluate_preferences(model, val_batches, loss_fn, reference, device, table=val_table,
+                                       max_batches=cfg.eval_batches)
+        report_preferences(metrics, when)
+        if cfg.sample_max_new_tokens > 0:
+            answer = sample_answer(model, tokenizer, val_set.prompt_messages(0), cfg.sample_max_new_tokens)
+            print(f"sample prompt: {val_set.prompt_messages(0)[-1]['content']}\nsample answer ({when}): {answer}", flush=True)
+        return metrics
+
+    # ---- before ------------------------------------------------------------------------------------
+    before = held_out("before") if step == 0 else {}
+    logger = MetricLogger(output_dir / "tensorboard" if cfg.tensorboard else None, total_steps, start_step=step)
+    losses: list[float] = []
+
+    # ---- training loop -----------------------------------------------------------------------------
+    model.train()
+    while step < total_steps:
+        logger.start_step()
+        micro = [batches[step * cfg.grad_accum_steps + i] for i in range(cfg.grad_accum_steps)]
+        num_pairs = sum(len(mb["index"]) for mb in micro)  # the step's loss is the mean over all its pairs
+        per_pair = []
+        for mb in micro:
+            mb = to_device(mb, device)
+            logps = preference_logprobs(model, mb, reference, train_table)  # chosen + rejected in one pass
+            pair_losses, chosen_rewards, rejected_rewards = loss_fn(logps)
+            (pair_losses.sum() / num_pairs).backward()
+            per_pair.append(pair_metrics(pair_losses, chosen_rewards, rejected_rewards, logps))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        m = mean_metrics(per_pair)
+        losses.append(m["loss"])
+        tokens_seen = sum(int(mb["lengths"].sum()) for mb in micro)
+        logger.log(step, {
+            "train/loss": m["loss"], "train/reward_acc": m["reward_acc"], "train/margin": m["margin"],
+            "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+            "train/tokens_per_s": logger.tokens_per_second(tokens_seen), "train/peak_mem_gib": peak_memory_gib(device),
+            "rewards/chosen": m["reward_chosen"], "rewards/rejected": m["reward_rejected"],
+            "logps/policy_chosen": m["logp_chosen"], "logps/policy_rejected": m["logp_rejected"],
+            "logps/reference_chosen": m["ref_logp_chosen"], "logps/reference_rejected": m["ref_logp_rejected"],
+        })
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            val = evaluate_preferences(model, val_batches, loss_fn, reference, device, table=val_table,
+                                       max_batches=cfg.eval_batches)
+            logger.log(step, {f"val/{k}": v for k, v in val.items()}, advance=False)
+            logger.write(f"step {step}: held-out reward accuracy {100 * val['reward_acc']:.1f}%, margin {val['margin']:.3f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            save(step)
+    logger.close()
+
+    # ---- after -------------------------------------------------------------------------------------
+    after = held_out("after")
+    if before:
+        print(f"held-out reward accuracy: {100 * before['reward_acc']:.1f}% before → {100 * after['reward_acc']:.1f}% after")
+    final_dir = save(step, final=True)
+    what = "model" if cfg.full else "adapter"
+    print(f"{what} checkpoint saved to {final_dir}" + (f"; merged model in {final_dir / 'merged'}" if cfg.save_merged else ""))
+    return {"losses": losses, "held_out_before": before, "held_out_after": after, "checkpoint": final_dir}
+
+
+if __name__ == "__main__":
+    from tunesmith.training.cli import run_file
+
+    sys.exit(run_file(__file__))

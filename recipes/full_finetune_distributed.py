@@ -1,0 +1,224 @@
+"""Full fine-tuning (every parameter trains), sharded with FSDP2 from one process to many nodes.
+
+    torchrun: join the process group ; load on meta → fully_shard per block + root → read own rows
+    report held-out loss and a sample answer (before)
+    for step in steps:
+        take grad_accum_steps global micro-batches; count their labelled tokens N; each rank takes its rows
+        for each micro-batch:  loss = Σ my token losses / N · W ;  backward (reduce-scatter on the last only)
+        clip the global grad norm ; AdamW step on my shards ; LR schedule step
+        log (loss, lr, grad norm, tokens/s, memory) ; every eval_every: held-out loss
+        every save_every: sharded checkpoint (model, optimizer, schedule, RNG, data position)
+    report held-out loss and a sample answer (after) ; final checkpoint + Hugging Face export
+
+Launch: ``tune-run full_finetune_distributed --config llama3_1_8b_full --nproc-per-node 8`` (add
+``--nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT`` for two nodes), or ``torchrun ...
+full_finetune_distributed.py --config ...`` directly. Without torchrun it runs as one plain
+process (no FSDP), which is also how the tests check that sharding changes nothing.
+
+``batch_size`` is the GLOBAL micro-batch: W processes each take ``batch_size / W`` of its rows, so
+the same config gives the same updates on any number of processes.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import MISSING
+
+from tunesmith.training import distributed as dist_utils
+from tunesmith.training.checkpointing import remove_stale_temp_dirs
+from tunesmith.training.config import ConfigError, import_object, to_yaml
+from tunesmith.training.evaluation import evaluate_loss, held_out_report
+from tunesmith.training.losses import IGNORE_INDEX, CrossEntropyLoss
+from tunesmith.training.metrics import MetricLogger, peak_memory_gib
+from tunesmith.training.options import DataOptions
+from tunesmith.training.schedules import warmup_cosine
+from tunesmith.training.setup import build_optimizer, select_dtype, sft_batches, to_device
+
+
+@dataclass
+class Config:
+    """Options of this recipe (YAML keys and ``key=value`` overrides use these names).
+
+    Attributes:
+        model: Base model: a local HF folder or a Hub repo id (a ``.gguf`` file for small models).
+        tokenizer: Tokenizer source when it differs from ``model``.
+        chat_template: Override the tokenizer's chat template: chatml, llama3, llama2, gemma, or a
+            Jinja file.
+        data: Training / held-out data (see ``DataOptions``).
+        output_dir: Sharded checkpoints, TensorBoard events and the final HF model go here (on a
+            filesystem every node sees).
+        device: ``auto``, ``cpu``, ``cuda`` (each process takes ``cuda:LOCAL_RANK``).
+        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``: the stored weights and
+            the optimizer state.
+        compute_dtype: FSDP mixed precision: weights are all-gathered and used in this dtype
+            (``bf16`` with ``dtype=fp32`` keeps fp32 master weights); unset: ``dtype``. Needs torchrun.
+        reduce_dtype: Dtype of the gradient reduce-scatter (``fp32`` for accuracy with bf16
+            compute); unset: ``compute_dtype``. Needs torchrun.
+        cpu_offload: Keep sharded weights, gradients and optimizer state in CPU memory (fits larger
+            models, slower). Needs torchrun.
+        reshard_after_forward: Free each block's gathered weights after forward (less memory);
+            ``false`` keeps them for backward (less communication).
+        seed: Seeds data order (and anything random in the loss).
+        batch_size: Examples per GLOBAL micro-batch (a multiple of the process count).
+        grad_accum_steps: Micro-batches per optimizer step.
+        epochs: Passes over the training data (ignored when ``max_steps`` > 0).
+        max_steps: Optimizer steps to run; 0 means ``epochs`` worth.
+        lr: Peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warmup before cosine decay.
+        max_grad_norm: Clip the global gradient norm to this; 0 disables clipping.
+        optimizer: ``adamw`` (the 8-bit ones are for one process: they do not take sharded weights).
+        activation_checkpointing: Recompute each block in backward (less memory, ~30% slower).
+        loss: ``cross_entropy`` or an import path to your own loss class (see training/losses.py).
+        loss_args: Keyword arguments for the loss class.
+        eval_every: Held-out loss every N steps (0: only before and after training).
+        eval_batches: At most this many held-out micro-batches per evaluation (0: all).
+        save_every: Sharded checkpoint every N steps (0: only at the end).
+        keep_last: Step checkpoints kept on disk (0: all).
+        save_hf: Write the final model in the Hugging Face layout (``step_N/hf``).
+        resume: Continue from the newest checkpoint in ``output_dir`` (any process count).
+        sample_max_new_tokens: Length of the before/after sample answer (0: no sample).
+        tensorboard: Write TensorBoard events to ``output_dir/tensorboard``.
+    """
+
+    model: str = MISSING
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    data: DataOptions = field(default_factory=DataOptions)
+    output_dir: str = "output/full"
+    device: str = "auto"
+    dtype: str = "auto"
+    compute_dtype: str | None = None
+    reduce_dtype: str | None = None
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+    seed: int = 0
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    epochs: int = 1
+    max_steps: int = 0
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw"
+    activation_checkpointing: bool = False
+    loss: str = "cross_entropy"
+    loss_args: dict[str, Any] = field(default_factory=dict)
+    eval_every: int = 0
+    eval_batches: int = 0
+    save_every: int = 0
+    keep_last: int = 2
+    save_hf: bool = True
+    resume: bool = False
+    sample_max_new_tokens: int = 48
+    tensorboard: bool = True
+
+
+def sharding_options(cfg: Config, env: dist_utils.DistEnv) -> dict[str, Any]:
+    """``shard_model`` keyword arguments from the config; refuses FSDP-only options without FSDP."""
+    fsdp_only = {"compute_dtype": cfg.compute_dtype, "reduce_dtype": cfg.reduce_dtype, "cpu_offload": cfg.cpu_offload}
+    if not env.sharded:
+        if any(fsdp_only.values()):
+            set_keys = ", ".join(k for k, v in fsdp_only.items() if v)
+            raise ConfigError(f"{set_keys} need FSDP: launch with torchrun, e.g. `tune-run full_finetune_distributed "
+                              "--config ... --nproc-per-node 1`")
+        return {}
+    compute = select_dtype(cfg.compute_dtype, env.device) if cfg.compute_dtype else None
+    reduce = select_dtype(cfg.reduce_dtype, env.device) if cfg.reduce_dtype else None
+    return {"param_dtype": compute, "reduce_dtype": reduce, "cpu_offload": cfg.cpu_offload,
+            "reshard_after_forward": cfg.reshard_after_forward}
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    # ---- setup -------------------------------------------------------------------------------------
+    env = dist_utils.init_distributed(cfg.device)
+    dtype = select_dtype(cfg.dtype, env.device)
+    torch.manual_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+    if env.is_main:
+        remove_stale_temp_dirs(output_dir)  # a save that a dead rank never finished
+
+    base = dist_utils.load_for_training(cfg.model, cfg.tokenizer, cfg.chat_template, dtype, env,
+                                        **sharding_options(cfg, env))
+    model, tokenizer = base.model, base.tokenizer
+    model.activation_checkpointing = cfg.activation_checkpointing
+    params = list(model.parameters())  # every parameter trains (this rank's shards of them)
+
+    batches, val_batches, val_set = sft_batches(cfg.data, tokenizer, cfg.batch_size, cfg.seed)
+    total_steps = cfg.max_steps or cfg.epochs * batches.per_epoch // cfg.grad_accum_steps
+    optimizer = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total_steps)
+    loss_fn = (CrossEntropyLoss if cfg.loss == "cross_entropy" else import_object(cfg.loss))(**cfg.loss_args)
+    step = dist_utils.resume_dcp(output_dir, model, optimizer, scheduler, env)[0] if cfg.resume else 0
+
+    def save(at_step: int, final: bool = False) -> Path:
+        hf = {"tokenizer_dir": base.tokenizer_dir} if final and cfg.save_hf else None
+        return dist_utils.save_dcp_checkpoint(
+            output_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
+            micro_batches=at_step * cfg.grad_accum_steps, config_yaml=to_yaml(cfg), env=env,
+            keep_last=cfg.keep_last, hf_export=hf)
+
+    def held_out(when: str) -> float:
+        with dist_utils.main_rank_prints(env):  # every rank runs the forward passes, rank 0 reports
+            return held_out_report(model, tokenizer, val_batches, val_set, loss_fn, env.device, when=when,
+                                   max_batches=cfg.eval_batches, max_new_tokens=cfg.sample_max_new_tokens)
+
+    # ---- before ------------------------------------------------------------------------------------
+    before = held_out("before") if step == 0 else float("nan")
+    log_dir = output_dir / "tensorboard" if cfg.tensorboard else None
+    logger = MetricLogger(log_dir, total_steps, start_step=step) if env.is_main else dist_utils.SilentLogger()
+    losses: list[float] = []
+
+    # ---- training loop -----------------------------------------------------------------------------
+    model.train()
+    while step < total_steps:
+        logger.start_step()
+        micro = [batches[step * cfg.grad_accum_steps + i] for i in range(cfg.grad_accum_steps)]  # global
+        num_labelled = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro)  # N for the whole step
+        step_loss = 0.0
+        for i, mb in enumerate(micro):
+            dist_utils.set_gradient_sync(model, i == len(micro) - 1)  # reduce-scatter once per step
+            mb = to_device(dist_utils.rank_slice(mb, env), env.device)
+            hidden = model.hidden_states(mb["tokens"], positions=mb.get("positions"), document_ids=mb.get("document_ids"))
+            loss = loss_fn(hidden, mb["labels"], model.logits) / max(1, num_labelled)
+            (loss * env.world_size).backward()  # FSDP averages over ranks; × W makes it the sum
+            step_loss += loss.item()
+        step_loss = dist_utils.sum_over_ranks(step_loss, env)
+        grad_norm = dist_utils.clip_grad_norm(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(step_loss)
+
+        tokens_seen = sum(int(mb["lengths"].sum()) for mb in micro)  # the whole job's tokens
+        logger.log(step, {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
+                          "train/grad_norm": grad_norm, "train/tokens_per_s": logger.tokens_per_second(tokens_seen),
+                          "train/peak_mem_gib": peak_memory_gib(env.device)})
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            val_loss = evaluate_loss(model, val_batches, loss_fn, env.device, max_batches=cfg.eval_batches)
+            logger.log(step, {"val/loss": val_loss}, advance=False)
+            logger.write(f"step {step}: held-out loss {val_loss:.4f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            save(step)
+    logger.close()
+
+    # ---- after -------------------------------------------------------------------------------------
+    after = held_out("after")
+    final_dir = save(step, final=True)
+    if env.is_main:
+        print(f"sharded checkpoint in {final_dir / 'sharded'}" + (f"; HF model in {final_dir / 'hf'}" if cfg.save_hf else ""))
+    dist_utils.teardown(env)
+    return {"losses": losses, "held_out_before": before, "held_out_after": after, "checkpoint": final_dir}
+
+
+if __name__ == "__main__":
+    from tunesmith.training.cli import run_file
+
+    sys.exit(run_file(__file__))
