@@ -17,8 +17,8 @@ token; ``--data demo`` tokenizes the shipped JSON-extraction chat demo with the 
 labels only the answers, and packs examples into rows for tunesmith (per-document attention) while
 the HF side pads each batch to its longest example, as its data collator does.
 
-torchtune 0.6.1 is run as a third side when it is importable (it does not install next to our
-torch here; see BENCHMARKS.md).
+torchtune 0.6.1 is a third side (``--torchtune-python``: it needs torchao < 0.18, so it lives in a
+separate venv; see BENCHMARKS.md), with its own speed switches on: compile and its chunked-output CE.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def demo_examples(seq: int) -> list[dict[str, list[int]]]:
 # ------------------------------------------------------------------------------------------------
 # The sides. Each returns a function running one training step on a batch.
 # ------------------------------------------------------------------------------------------------
-def tunesmith_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool):
+def tunesmith_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool, chunk_size: int = 256):
     from tunesmith.models import apply_lora, builders
     from tunesmith.models.hf_checkpoint import build_empty
     from tunesmith.models.llama import Llama
@@ -78,7 +78,7 @@ def tunesmith_side(shape: str, dtype: torch.dtype, device: torch.device, compile
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
     apply_lora(model, TARGETS, rank=RANK, alpha=ALPHA)
     model.train()
-    loss_fn = CrossEntropyLoss()
+    loss_fn = CrossEntropyLoss(chunk_size=chunk_size)
     if compile:
         compile_model_and_loss(model, loss_fn)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -95,7 +95,7 @@ def tunesmith_side(shape: str, dtype: torch.dtype, device: torch.device, compile
     return step
 
 
-def hf_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool):
+def hf_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool, chunk_size: int = 0):
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -104,7 +104,7 @@ def hf_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool)
 
     hf_cfg = transformers.LlamaConfig(**config_to_hf(builders.BUILDERS[shape]()))
     hf_cfg._attn_implementation = "sdpa"
-    model = transformers.LlamaForCausalLM._from_config(hf_cfg, torch_dtype=dtype).to(device)
+    model = transformers.LlamaForCausalLM._from_config(hf_cfg, dtype=dtype).to(device)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
@@ -121,8 +121,45 @@ def hf_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool)
     return step
 
 
-def torchtune_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool):
-    raise RuntimeError("torchtune 0.6.1 is not importable in this environment")
+def torchtune_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool, chunk_size: int = 0):
+    """torchtune 0.6.1's LoRA Llama with its recipe's defaults for speed: chunked-output CE, compile."""
+    from torchtune.models.llama3_2._component_builders import lora_llama3_2
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
+    from torchtune.training import compile_loss, compile_model
+
+    from tunesmith.models import builders
+
+    c = builders.BUILDERS[shape]()
+    with torch.device(device):
+        model = lora_llama3_2(
+            ["q_proj", "v_proj"], vocab_size=c.vocab_size, num_layers=c.num_layers, num_heads=c.num_heads,
+            num_kv_heads=c.num_kv_heads, embed_dim=c.hidden_size, max_seq_len=4096, intermediate_dim=c.intermediate_size,
+            norm_eps=c.norm_eps, rope_base=int(c.rope_theta), lora_rank=RANK, lora_alpha=ALPHA,
+            tie_word_embeddings=c.tie_embeddings,
+        ).to(dtype)
+    with torch.no_grad():  # same init as the other sides (torchtune's embedding is N(0, 1))
+        for name, p in model.named_parameters():
+            if "lora_" not in name:
+                p.fill_(1.0) if name.endswith("scale") else p.normal_(0.0, 0.02)
+    set_trainable_params(model, get_adapter_params(model))
+    model.train()
+    loss_fn = CEWithChunkedOutputLoss()
+    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    if compile:
+        compile_model(model, verbose=False)
+        loss_fn = compile_loss(loss_fn, verbose=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+    def step(b: dict[str, torch.Tensor]) -> float:
+        logits = model(b["tokens"])  # a list of chunks
+        loss = loss_fn(logits, b["labels"])  # mean over labelled tokens
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
 
 
 SIDES = {"tunesmith": tunesmith_side, "hf_peft": hf_side, "torchtune": torchtune_side}
@@ -156,7 +193,7 @@ def run_side(args: argparse.Namespace) -> dict[str, float]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     batches = side_batches(args, args.side, builders.BUILDERS[args.shape]().vocab_size)
-    step = SIDES[args.side](args.shape, dtype, device, compile=not args.no_compile)
+    step = SIDES[args.side](args.shape, dtype, device, compile=not args.no_compile, chunk_size=args.chunk_size)
     losses = []
     for b in batches[: args.warmup]:
         losses.append(step({k: v.to(device) for k, v in b.items()}))
@@ -173,7 +210,15 @@ def run_side(args: argparse.Namespace) -> dict[str, float]:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux → GiB
     seconds = time.perf_counter() - start
-    return {"tokens_per_s": tokens / seconds, "peak_gib": peak, "first_loss": losses[0], "last_loss": losses[-1]}
+    result = {"tokens_per_s": tokens / seconds, "peak_gib": peak, "first_loss": losses[0], "last_loss": losses[-1]}
+    if args.side == "tunesmith":  # what `--dry-run` would have predicted for this run
+        from tunesmith.training.memory import GIB, estimate
+
+        seq = max(b["tokens"].shape[1] for b in batches)
+        est = estimate(builders.BUILDERS[args.shape](), dtype=args.dtype, batch_size=args.batch, seq_len=seq, rank=RANK,
+                       targets=TARGETS, chunk_size=args.chunk_size, device_type=device.type, compile=not args.no_compile)
+        result["estimate_gib"] = est.total / GIB
+    return result
 
 
 def main() -> None:
@@ -189,6 +234,9 @@ def main() -> None:
     ap.add_argument("--examples-per-step", type=int, default=16, help="demo data, HF side: examples per batch")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--torchtune-python", default=sys.executable,
+                    help="interpreter of an environment where torchtune 0.6.1 imports (it needs an older torchao)")
+    ap.add_argument("--chunk-size", type=int, default=256, help="tunesmith's CE chunk of labelled positions")
     ap.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side and print JSON
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -204,7 +252,8 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         results: dict[str, dict[str, float]] = {}
         for side in args.sides.split(","):
-            cmd = [sys.executable, __file__, "--side", side, "--dtype", dtype, *sys.argv[1:]]
+            python = args.torchtune_python if side == "torchtune" else sys.executable
+            cmd = [python, __file__, "--side", side, "--dtype", dtype, *sys.argv[1:]]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
@@ -217,7 +266,8 @@ def main() -> None:
             ratio = (f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x tok/s, {r['peak_gib'] / ref['peak_gib']:.2f}x mem"
                      if ref else "")
             rows.append((side, dtype, r, ratio))
-            print(f"  {side:10s} {dtype}: {r['tokens_per_s']:7.1f} tokens/s  peak {r['peak_gib']:.2f} GiB  "
+            est = f" (estimate {r['estimate_gib']:.2f})" if "estimate_gib" in r else ""
+            print(f"  {side:10s} {dtype}: {r['tokens_per_s']:7.1f} tokens/s  peak {r['peak_gib']:.2f} GiB{est}  "
                   f"loss {r['first_loss']:.3f}→{r['last_loss']:.3f}  {ratio}", flush=True)
 
 

@@ -55,9 +55,18 @@ class Records(list):
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
+def _open_text(path: str):
+    """Open a data file as text; ``.gz`` files (Anthropic HH ships ``train.jsonl.gz``) are decompressed."""
+    if path.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
 def _read_jsonl(path: str) -> Records:
     records, where = [], []
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -73,7 +82,7 @@ def _read_jsonl(path: str) -> Records:
 
 
 def _read_json(path: str) -> Records:
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
@@ -98,32 +107,35 @@ def _read_parquet(path: str) -> Records:
 
 
 def _read_file(path: str) -> Records:
-    if path.endswith(".jsonl"):
+    if path.endswith((".jsonl", ".jsonl.gz")):
         return _read_jsonl(path)
-    if path.endswith(".json"):
+    if path.endswith((".json", ".json.gz")):
         return _read_json(path)
     if path.endswith(".parquet"):
         return _read_parquet(path)
-    raise DataError(f"{path}: unsupported data file type (use .json, .jsonl or .parquet)")
+    raise DataError(f"{path}: unsupported data file type (use .json, .jsonl (optionally .gz) or .parquet)")
 
 
 _SPLIT_WORDS = {"train", "validation", "valid", "val", "test", "dev", "eval"}
+DATA_FILE_TYPES = ("json", "jsonl", "json.gz", "jsonl.gz", "parquet")
 
 
 def _split_files(root: str, split: str) -> list[str]:
     """Data files of ``split`` in a dataset folder laid out like a Hub dataset repo.
 
-    A file belongs to the split when its path has the split's name as a word (split on / _ - .):
-    ``train.jsonl``, ``data/train-00000-of-00002.parquet``, ``train/part1.json``. A folder whose
-    files name no split at all is taken to be one "train" split.
+    A file belongs to the split when its path has the split's name as a word (split on / - .):
+    ``train.jsonl``, ``data/train-00000-of-00002.parquet``, ``train/part1.json``,
+    ``data/train_prefs-00000-of-00001.parquet`` (split ``train_prefs``). A folder whose files name no
+    split at all is taken to be one "train" split.
     """
     files = sorted(
-        f for ext in ("json", "jsonl", "parquet")
+        f for ext in DATA_FILE_TYPES
         for f in glob.glob(os.path.join(root, "**", f"*.{ext}"), recursive=True)
     )
-    words = {f: re.split(r"[/\\_.\-]", os.path.relpath(f, root).lower()) for f in files}
+    words = {f: re.split(r"[/\\.\-]", os.path.relpath(f, root).lower()) for f in files}
     chosen = [f for f in files if split.lower() in words[f]]
-    if not chosen and split == "train" and not any(_SPLIT_WORDS & set(w) for w in words.values()):
+    names_a_split = any(_SPLIT_WORDS & set(re.split(r"[/\\_.\-]", os.path.relpath(f, root).lower())) for f in files)
+    if not chosen and split == "train" and not names_a_split:
         chosen = files
     if not chosen:
         names = [os.path.relpath(f, root) for f in files] or "none"
@@ -153,7 +165,7 @@ def load_records(source: str, split: str = "train") -> Records:
         from huggingface_hub import snapshot_download
 
         root = snapshot_download(repo_id=source, repo_type="dataset",
-                                 allow_patterns=["*.json", "*.jsonl", "*.parquet"])
+                                 allow_patterns=[f"*.{ext}" for ext in DATA_FILE_TYPES])
     else:
         raise DataError(f"data source {source!r} not found: give a .json/.jsonl/.parquet file, "
                         "a dataset folder, or a Hub dataset id 'owner/name'")

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from tunesmith.models.llama import KVCache, apply_rope, attention_mask, rope_cos_sin, rope_inv_freq
+from tunesmith.models.llama import CausalLM, KVCache, apply_rope, attention_mask, rope_cos_sin, rope_inv_freq
 
 SLIDING = "sliding_attention"
 GLOBAL = "full_attention"
@@ -239,7 +239,7 @@ class GemmaBlock(nn.Module):
         return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
 
 
-class Gemma(nn.Module):
+class Gemma(CausalLM):
     """A Gemma 1/2/3 causal LM with ``Llama``'s interface: ``model(tokens)`` [b, s] → logits [b, s, v]."""
 
     def __init__(self, cfg: GemmaConfig) -> None:
@@ -322,27 +322,3 @@ class Gemma(nn.Module):
         if self.config.final_logit_softcapping is not None:
             logits = soft_cap(logits, self.config.final_logit_softcapping)
         return logits
-
-    def forward(
-        self, tokens: Tensor, *, positions: Tensor | None = None, document_ids: Tensor | None = None
-    ) -> Tensor:
-        """Logits [b, s, v] for tokens [b, s]; see ``hidden_states`` for the arguments."""
-        return self.logits(self.hidden_states(tokens, positions=positions, document_ids=document_ids))
-
-    # -- KV cache for generation ------------------------------------------------------------------
-    def setup_kv_cache(self, batch: int, max_len: int | None = None) -> None:
-        """Give every attention layer an empty cache of ``max_len`` positions."""
-        max_len = max_len or self.config.max_seq_len
-        p = self.tok_embeddings.weight
-        for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch, max_len, self.config.num_kv_heads, self.config.head_dim, p.dtype, p.device)
-
-    def clear_kv_cache(self) -> None:
-        """Drop the caches (back to training-style full-sequence forward)."""
-        for layer in self.layers:
-            layer.attn.kv_cache = None
-
-    def kv_cache_length(self) -> int:
-        """Number of positions already in the cache (0 without one)."""
-        cache = self.layers[0].attn.kv_cache if len(self.layers) else None
-        return cache.length if cache is not None else 0

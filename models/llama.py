@@ -230,7 +230,52 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class Llama(nn.Module):
+class CausalLM(nn.Module):
+    """What every decoder family shares: logits from hidden states, and the KV cache for generation.
+
+    A family defines ``config``, ``tok_embeddings``, ``layers`` (each with an ``attn`` that reads
+    ``attn.kv_cache``), ``output`` and ``hidden_states``; it overrides ``logits`` only if the head
+    does more than project (Gemma 2 soft-caps).
+    """
+
+    config: Any
+    tok_embeddings: nn.Embedding
+    layers: nn.ModuleList
+    output: nn.Linear
+
+    def hidden_states(self, tokens: Tensor, *, positions: Tensor | None = None,
+                      document_ids: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Project hidden states [..., d] to vocabulary logits [..., v]."""
+        return self.output(h)
+
+    def forward(
+        self, tokens: Tensor, *, positions: Tensor | None = None, document_ids: Tensor | None = None
+    ) -> Tensor:
+        """Logits [b, s, v] for tokens [b, s]; see ``hidden_states`` for the arguments."""
+        return self.logits(self.hidden_states(tokens, positions=positions, document_ids=document_ids))
+
+    # -- KV cache for generation ------------------------------------------------------------------
+    def setup_kv_cache(self, batch: int, max_len: int | None = None) -> None:
+        """Give every attention layer an empty cache of ``max_len`` positions."""
+        max_len = max_len or self.config.max_seq_len
+        p = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch, max_len, self.config.num_kv_heads, self.config.head_dim, p.dtype, p.device)
+
+    def clear_kv_cache(self) -> None:
+        """Drop the caches (back to training-style full-sequence forward)."""
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+
+    def kv_cache_length(self) -> int:
+        cache = self.layers[0].attn.kv_cache if len(self.layers) else None
+        return cache.length if cache is not None else 0
+
+
+class Llama(CausalLM):
     """A Llama-architecture causal LM: ``model(tokens)`` [b, s] → logits [b, s, v].
 
     ``hidden_states`` and ``logits`` are split out so a loss can project only the positions that
@@ -288,30 +333,3 @@ class Llama(nn.Module):
             else:
                 x = layer(x, cos, sin, mask)
         return self.norm(x)
-
-    def logits(self, h: Tensor) -> Tensor:
-        """Project hidden states [..., d] to vocabulary logits [..., v]."""
-        return self.output(h)
-
-    def forward(
-        self, tokens: Tensor, *, positions: Tensor | None = None, document_ids: Tensor | None = None
-    ) -> Tensor:
-        """Logits [b, s, v] for tokens [b, s]; see ``hidden_states`` for the arguments."""
-        return self.logits(self.hidden_states(tokens, positions=positions, document_ids=document_ids))
-
-    # -- KV cache for generation ------------------------------------------------------------------
-    def setup_kv_cache(self, batch: int, max_len: int | None = None) -> None:
-        """Give every attention layer an empty cache of ``max_len`` positions."""
-        max_len = max_len or self.config.max_seq_len
-        p = self.tok_embeddings.weight
-        for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch, max_len, self.config.num_kv_heads, self.config.head_dim, p.dtype, p.device)
-
-    def clear_kv_cache(self) -> None:
-        """Drop the caches (back to training-style full-sequence forward)."""
-        for layer in self.layers:
-            layer.attn.kv_cache = None
-
-    def kv_cache_length(self) -> int:
-        cache = self.layers[0].attn.kv_cache if len(self.layers) else None
-        return cache.length if cache is not None else 0

@@ -121,7 +121,7 @@ class Config:
 
 
 def sharding_options(cfg: Config, env: dist_utils.DistEnv) -> dict[str, Any]:
-    """``shard_model`` keyword arguments from the config; refuses FSDP-only options without FSDP."""
+    """``shard_model`` keyword arguments from the config; refuses options that do not fit the launch."""
     fsdp_only = {"compute_dtype": cfg.compute_dtype, "reduce_dtype": cfg.reduce_dtype, "cpu_offload": cfg.cpu_offload}
     if not env.sharded:
         if any(fsdp_only.values()):
@@ -129,6 +129,9 @@ def sharding_options(cfg: Config, env: dist_utils.DistEnv) -> dict[str, Any]:
             raise ConfigError(f"{set_keys} need FSDP: launch with torchrun, e.g. `tune-run full_finetune_distributed "
                               "--config ... --nproc-per-node 1`")
         return {}
+    if cfg.optimizer != "adamw":
+        raise ConfigError(f"optimizer={cfg.optimizer} does not take FSDP's sharded weights; use optimizer=adamw "
+                          "(sharding already splits the optimizer state over the processes)")
     compute = select_dtype(cfg.compute_dtype, env.device) if cfg.compute_dtype else None
     reduce = select_dtype(cfg.reduce_dtype, env.device) if cfg.reduce_dtype else None
     return {"param_dtype": compute, "reduce_dtype": reduce, "cpu_offload": cfg.cpu_offload,
@@ -174,6 +177,7 @@ def main(cfg: Config) -> dict[str, Any]:
     log_dir = output_dir / "tensorboard" if cfg.tensorboard else None
     logger = MetricLogger(log_dir, total_steps, start_step=step) if env.is_main else dist_utils.SilentLogger()
     losses: list[float] = []
+    grad_norms: list[float] = []  # before clipping: shows a wrong gradient scale that AdamW would hide
 
     # ---- training loop -----------------------------------------------------------------------------
     model.train()
@@ -196,6 +200,7 @@ def main(cfg: Config) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         losses.append(step_loss)
+        grad_norms.append(grad_norm)
 
         tokens_seen = sum(int(mb["lengths"].sum()) for mb in micro)  # the whole job's tokens
         logger.log(step, {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
@@ -215,7 +220,7 @@ def main(cfg: Config) -> dict[str, Any]:
     if env.is_main:
         print(f"sharded checkpoint in {final_dir / 'sharded'}" + (f"; HF model in {final_dir / 'hf'}" if cfg.save_hf else ""))
     dist_utils.teardown(env)
-    return {"losses": losses, "held_out_before": before, "held_out_after": after, "checkpoint": final_dir}
+    return {"losses": losses, "grad_norms": grad_norms, "held_out_before": before, "held_out_after": after, "checkpoint": final_dir}
 
 
 if __name__ == "__main__":

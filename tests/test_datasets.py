@@ -148,3 +148,23 @@ def test_pad_collate():
     assert torch.equal(batch["tokens"], torch.tensor([[5, 6, 7], [8, 0, 0]]))
     assert torch.equal(batch["labels"], torch.tensor([[6, 7, -100], [-100, -100, -100]]))
     assert batch["tokens"].dtype == torch.long
+
+
+def test_hub_style_split_names_with_underscores_and_gzipped_jsonl(tmp_path):
+    """UltraFeedback names splits train_prefs/test_prefs; Anthropic HH ships train.jsonl.gz."""
+    import gzip
+
+    (tmp_path / "uf" / "data").mkdir(parents=True)
+    for split, n in (("train_prefs", 3), ("test_prefs", 2)):
+        rows = "".join(json.dumps({"i": i, "split": split}) + "\n" for i in range(n))
+        (tmp_path / "uf" / "data" / f"{split}-00000-of-00001.jsonl").write_text(rows)
+    assert [r["split"] for r in load_records(str(tmp_path / "uf"), split="train_prefs")] == ["train_prefs"] * 3
+    assert len(load_records(str(tmp_path / "uf"), split="test_prefs")) == 2
+    with pytest.raises(DataError, match="no data files for split 'train'"):
+        load_records(str(tmp_path / "uf"), split="train")  # never silently mixes train_prefs and test_prefs
+
+    (tmp_path / "hh" / "helpful-base").mkdir(parents=True)
+    with gzip.open(tmp_path / "hh" / "helpful-base" / "train.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"chosen": "a", "rejected": "b"}) + "\n" + "{oops\n")
+    with pytest.raises(DataError, match=r"train\.jsonl\.gz line 2"):
+        load_records(str(tmp_path / "hh"), split="train")

@@ -144,8 +144,7 @@ def test_dpo_family_matches_trl():
 def test_simpo_matches_trl():
     lp = logps()
     beta, gamma = 2.0, 0.8
-    # trl parametrises the margin as gamma_beta_ratio = gamma / beta.
-    expected = trl_cpo("simpo", beta, simpo_gamma=gamma / beta)(lp.policy_chosen / lp.chosen_tokens,
+    expected = trl_cpo("simpo", beta, simpo_gamma=gamma)(lp.policy_chosen / lp.chosen_tokens,
                                                                  lp.policy_rejected / lp.rejected_tokens)
     for a, b in zip(SimPOLoss(beta, gamma)(lp), expected):
         assert torch.allclose(a, b, atol=1e-10)

@@ -16,10 +16,13 @@ shard files into the same checkpoint folder).
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import io
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -252,6 +255,9 @@ def load_sharded(source: str, dtype: torch.dtype, env: DistEnv, **shard_kwargs: 
     # Offloaded shards live on the CPU; FSDP moves them to the GPU only while a block runs.
     model.to_empty(device="cpu" if shard_kwargs.get("cpu_offload") else env.device)
     model.reset_buffers()
+    for module in model.modules():  # RoPE tables belong where the compute runs, also with offloaded weights
+        for key, buf in module.named_buffers(recurse=False):
+            setattr(module, key, buf.to(env.device))
 
     params = dict(model.named_parameters())
     table = family.hf_to_ours(cfg)
@@ -319,6 +325,11 @@ def load_for_training(model: str, tokenizer: str | None, chat_template: str | No
         else:
             net = load_sharded(source, dtype, env, **shard_kwargs)
         base = Pretrained(net, tok, source, tok_source if Path(tok_source).is_dir() else None)
+    if base.tokenizer_dir is None and tokenizer is None and not base.source.endswith(".gguf"):
+        from tunesmith.models.hf_checkpoint import resolve_model_dir
+
+        # A Hub id: its downloaded snapshot holds the tokenizer files the HF export copies.
+        base.tokenizer_dir = str(resolve_model_dir(base.source))
     base.model.requires_grad_(True)
     return base
 
@@ -344,9 +355,6 @@ class SilentLogger:
 
 def main_rank_prints(env: DistEnv) -> Any:
     """Context manager: inside it, only rank 0's ``print`` output is shown."""
-    import contextlib
-    import io
-
     return contextlib.nullcontext() if env.is_main else contextlib.redirect_stdout(io.StringIO())
 
 
@@ -397,6 +405,10 @@ def save_dcp_checkpoint(
     """
     output_dir = Path(output_dir)
     final = output_dir / step_dir_name(step)
+    if final.is_dir():  # a step is saved once: only a resumed, already finished run gets here
+        if env.is_main:
+            print(f"{final} already exists; not saving step {step} again")
+        return final
     tmp = output_dir / f".tmp-{final.name}"  # one name for all ranks (they share the folder)
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -405,8 +417,10 @@ def save_dcp_checkpoint(
         (tmp / "rng").mkdir(parents=True)
     barrier(env)
 
+    reshard(model)  # an eval-only forward leaves the root gathered; save the shards, not the gathered copy
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / _SHARDS), no_dist=not env.sharded)
+    with _one_process_dcp(env):
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / _SHARDS), no_dist=not env.sharded)
     torch.save(rng_state(), tmp / "rng" / f"rank_{env.rank}.pt")
     if hf_export is not None:
         export_hf_checkpoint(model, tmp / "hf", env, **hf_export)
@@ -419,19 +433,22 @@ def save_dcp_checkpoint(
     barrier(env)  # every rank's files are complete and on disk
 
     if env.is_main:
-        if final.exists():  # re-saving a step after a resume: move the old one aside first
-            old = output_dir / f".old-{final.name}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        os.replace(tmp, final)
         atomic_write_text(output_dir / "LATEST", final.name + "\n")
         if keep_last > 0:
             for stale in list_dcp_checkpoints(output_dir)[:-keep_last]:
                 shutil.rmtree(stale, ignore_errors=True)
     barrier(env)
     return final
+
+
+@contextlib.contextmanager
+def _one_process_dcp(env: DistEnv) -> Iterator[None]:
+    """Silence DCP's "assuming a single process" warning when that is exactly what we asked for."""
+    with warnings.catch_warnings():
+        if not env.sharded:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _fsync_own_files(root: Path, env: DistEnv) -> None:
@@ -465,7 +482,8 @@ def resume_dcp(output_dir: str | Path, model: nn.Module, optimizer: torch.optim.
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state_dict = {"model": model_sd, "optimizer": optim_sd}
     try:
-        dcp.load(state_dict, checkpoint_id=str(ckpt / _SHARDS), no_dist=not env.sharded)
+        with _one_process_dcp(env):
+            dcp.load(state_dict, checkpoint_id=str(ckpt / _SHARDS), no_dist=not env.sharded)
     except Exception as e:  # DCP raises CheckpointException (a bare Exception) for missing keys/shapes
         raise CheckpointError(
             f"{ckpt / _SHARDS} does not fit this model ({str(e).splitlines()[0][:300]}). Resume with the config it "
@@ -539,7 +557,7 @@ def export_hf_checkpoint(
             total = sum(t.numel() * t.element_size() for t in sizes.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        config = family.config_to_hf(dataclasses.replace(cfg))
+        config = family.config_to_hf(cfg)
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for fname in TOKENIZER_FILES if tokenizer_dir is not None else ():

@@ -1,6 +1,6 @@
 """Write the DPO demo data: prefer a concise answer over a rambling one with the same content.
 
-    python data/demo/make_preference_demo.py   # rewrites preference_train.jsonl (160) and preference_val.jsonl (40)
+    python data/demo/make_preference_demo.py   # rewrites preference_train.jsonl (168) and preference_val.jsonl (32)
 
 Each record is a plain preference pair::
 
@@ -74,10 +74,8 @@ def questions() -> list[tuple[str, str]]:
 
 
 def rambling(answer: str, rng: random.Random) -> str:
-    """The same answer buried between filler sentences."""
-    opener = " ".join(rng.sample(OPENERS, 2))
-    closer = " ".join(rng.sample(CLOSERS, 2))
-    return f"{opener} {answer} {closer}"
+    """The same answer between a filler opening and a filler closing sentence."""
+    return f"{rng.choice(OPENERS)} {answer} {rng.choice(CLOSERS)}"
 
 
 def main() -> None:
@@ -85,7 +83,7 @@ def main() -> None:
     items = questions()
     rng.shuffle(items)
     here = os.path.dirname(os.path.abspath(__file__))
-    for name, chunk in (("preference_train.jsonl", items[:160]), ("preference_val.jsonl", items[160:200])):
+    for name, chunk in (("preference_train.jsonl", items[:168]), ("preference_val.jsonl", items[168:200])):
         with open(os.path.join(here, name), "w", encoding="utf-8") as f:
             for question, answer in chunk:
                 record = {"prompt": question, "chosen": answer, "rejected": rambling(answer, rng)}
