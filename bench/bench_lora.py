@@ -172,9 +172,9 @@ def side_batches(args: argparse.Namespace, side: str, vocab: int) -> list[dict[s
     from tunesmith.data import pack_items, packed_collate, pad_collate
 
     examples = demo_examples(args.seq)
-    if side == "tunesmith":  # packed rows, per-document attention
+    if side == "tunesmith":  # packed rows, per-document attention, one static shape (no recompiles)
         rows = pack_items(examples, args.seq)
-        return [packed_collate(rows[i * args.batch:(i + 1) * args.batch], pad_id=0) for i in range(n)]
+        return [packed_collate(rows[i * args.batch:(i + 1) * args.batch], pad_id=0, pad_to=args.seq) for i in range(n)]
     out = []  # one example per row, padded to the batch's longest (HF's DataCollatorForSeq2Seq)
     per_step = args.examples_per_step
     for i in range(n):

@@ -109,7 +109,7 @@ def test_adamw8bit_keeps_8bit_state_and_tracks_adamw(tiny_llama_dir, tiny_data, 
     # Rank 64: bitsandbytes keeps tensors under 4096 values in 32-bit state, so adapters must be
     # this big for the 8-bit path to be exercised at all.
     lora = {"rank": 64, "alpha": 64.0, "targets": ["q_proj", "v_proj", "output"]}
-    common = dict(max_steps=20, lr=2e-3, lora=lora, loss_args={"chunk_size": 0}, batch_size=2)
+    common = dict(max_steps=20, lr=2e-3, lora=lora, loss_args={"chunk_size": 0})
     ref = recipe.main(make_cfg(tiny_llama_dir, tiny_data, tmp_path / "adamw", **common))["losses"]
     q8 = recipe.main(make_cfg(tiny_llama_dir, tiny_data, tmp_path / "adamw8bit", optimizer="adamw8bit", **common))
 
