@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import MISSING
 
 from tunesmith.models import apply_lora
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
 from tunesmith.training.config import to_yaml
 from tunesmith.training.evaluation import sample_answer
 from tunesmith.training.metrics import MetricLogger, peak_memory_gib
-from tunesmith.training.options import LoRAOptions
+from tunesmith.training.options import LoRAOptions, RunOptions
 from tunesmith.training.preference import (
     PreferenceDataOptions,
     Reference,
@@ -50,13 +49,13 @@ from tunesmith.training.setup import build_optimizer, load_model_and_tokenizer, 
 
 
 @dataclass
-class Config:
+class Config(RunOptions):
     """Options of this recipe (YAML keys and ``key=value`` overrides use these names).
 
+    The options every recipe shares (model, output_dir, batch/schedule, evaluation, checkpoints,
+    logging) come from ``RunOptions`` in training/options.py; this recipe adds or re-defaults these.
+
     Attributes:
-        model: Base model: a local HF folder, a Hub repo id, or a ``.gguf`` file.
-        tokenizer: Tokenizer source when it differs from ``model``.
-        chat_template: Override the tokenizer's chat template (chatml, llama3, llama2, gemma, or a Jinja file).
         data: Preference pairs (see ``PreferenceDataOptions``).
         lora: Adapter shape and placement (see ``LoRAOptions``); unused when ``full``.
         full: Train all weights instead of LoRA adapters; the reference is then a frozen copy of the
@@ -65,61 +64,19 @@ class Config:
             instead of one extra no-grad forward per step.
         loss: ``dpo``, ``robust_dpo``, ``ipo``, ``hinge``, ``simpo``, ``orpo`` or an import path to your class.
         loss_args: Keyword arguments of the loss class (``beta``, ``label_smoothing``, ``gamma``, ...).
-        output_dir: Checkpoints, TensorBoard events and the final adapter go here.
-        device: ``auto``, ``cpu``, ``cuda``.
-        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
-        seed: Seeds adapter init, dropout and data order.
-        batch_size: Preference pairs per micro-batch (the forward pass sees twice as many rows).
-        grad_accum_steps: Micro-batches per optimizer step.
-        epochs: Passes over the training pairs (ignored when ``max_steps`` > 0).
-        max_steps: Optimizer steps to run; 0 means ``epochs`` worth.
-        lr: Peak learning rate.
-        weight_decay: AdamW weight decay.
-        warmup_steps: Linear warmup before cosine decay.
-        max_grad_norm: Clip the gradient norm to this; 0 disables clipping.
-        optimizer: ``adamw``, ``adamw8bit`` or ``paged_adamw8bit``.
-        activation_checkpointing: Recompute each block in backward (less memory, slower).
-        eval_every: Held-out metrics every N steps (0: only before and after training).
-        eval_batches: At most this many held-out micro-batches per evaluation (0: all).
-        save_every: Checkpoint every N steps (0: only at the end).
-        keep_last: Step checkpoints kept on disk (0: all).
         save_merged: Also write a merged full model in the HF layout at the end.
-        resume: Continue from the newest checkpoint in ``output_dir``.
-        sample_max_new_tokens: Length of the before/after sample answer (0: no sample).
-        tensorboard: Write TensorBoard events to ``output_dir/tensorboard``.
     """
 
-    model: str = MISSING
-    tokenizer: str | None = None
-    chat_template: str | None = None
     data: PreferenceDataOptions = field(default_factory=PreferenceDataOptions)
     lora: LoRAOptions = field(default_factory=LoRAOptions)
     full: bool = False
     precompute_reference: bool = False
     loss: str = "dpo"
     loss_args: dict[str, Any] = field(default_factory=dict)
-    output_dir: str = "output/dpo"
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    batch_size: int = 4
-    grad_accum_steps: int = 1
-    epochs: int = 1
-    max_steps: int = 0
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    max_grad_norm: float = 1.0
-    optimizer: str = "adamw"
-    activation_checkpointing: bool = False
-    eval_every: int = 0
-    eval_batches: int = 0
-    save_every: int = 0
-    keep_last: int = 2
+    output_dir: str = "output/dpo"  # this recipe's default
+    lr: float = 1e-4  # this recipe's default
     save_merged: bool = False
-    resume: bool = False
-    sample_max_new_tokens: int = 0
-    tensorboard: bool = True
+    sample_max_new_tokens: int = 0  # this recipe's default
 
 
 def main(cfg: Config) -> dict[str, Any]:

