@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -40,7 +41,10 @@ from tunesmith.models.peft_adapter import load_peft_adapter, save_peft_adapter
 
 
 def load_pretrained(
-    source: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    source: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    nf4_targets: Sequence[str] = (),
 ) -> nn.Module:
     """Load pretrained weights as our native model, from wherever they are.
 
@@ -50,13 +54,15 @@ def load_pretrained(
             (dequantized to ``dtype``).
         dtype: Parameter dtype.
         device: Where the parameters live.
+        nf4_targets: Leaf names of linear layers (``q_proj``, …) stored as NF4 as they are read
+            (QLoRA): peak memory while loading stays near the 4-bit size.
 
     Returns:
         The model (``Llama``, or another family's class) in eval mode.
     """
     if str(source).endswith(".gguf"):
-        return load_gguf(source, dtype=dtype, device=device)
-    return load_hf_checkpoint(source, dtype=dtype, device=device)
+        return load_gguf(source, dtype=dtype, device=device, nf4_targets=nf4_targets)
+    return load_hf_checkpoint(source, dtype=dtype, device=device, nf4_targets=nf4_targets)
 
 __all__ = [
     "BUILDERS",

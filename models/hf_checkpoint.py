@@ -333,7 +333,7 @@ def load_hf_checkpoint(
 def family_of(model: nn.Module) -> ModuleType:
     """The conversion module for ``model``'s class (from ``HF_FAMILIES``)."""
     for family, cls in HF_FAMILIES.values():
-        if type(model) is cls:
+        if isinstance(model, cls):  # isinstance: FSDP2 wraps the class in a subclass (FSDPLlama)
             return family
     raise TypeError(f"no Hugging Face conversion for {type(model).__name__}; known: {sorted(HF_FAMILIES)}")
 

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from tunesmith.models import apply_lora
-from tunesmith.models.lora import trainable_parameters
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
 from tunesmith.training.config import import_object, to_yaml
 from tunesmith.training.evaluation import evaluate_loss, held_out_report

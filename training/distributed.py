@@ -304,22 +304,14 @@ def load_for_training(model: str, tokenizer: str | None, chat_template: str | No
     Returns:
         ``setup.Pretrained`` (model, tokenizer, source, tokenizer_dir).
     """
-    from tunesmith.data import chat_templates, load_tokenizer
     from tunesmith.models import load_pretrained
-    from tunesmith.training.setup import Pretrained, load_model_and_tokenizer, resolve_source
+    from tunesmith.training.setup import Pretrained, load_model_and_tokenizer, load_tokenizer_with_template, resolve_source
 
     if not env.sharded:
         base = load_model_and_tokenizer(model, tokenizer, dtype, env.device, chat_template)
     else:
-        # The tokenizer half of load_model_and_tokenizer (setup.py has no tokenizer-only entry yet).
         source, tok_source = resolve_source(model), resolve_source(tokenizer or model)
-        tok = load_tokenizer(tok_source)
-        if chat_template:
-            is_file = Path(chat_template).is_file()
-            if not is_file and chat_template not in chat_templates.TEMPLATES:
-                raise ConfigError(f"chat_template={chat_template!r} is neither a file nor one of "
-                                  f"{', '.join(sorted(chat_templates.TEMPLATES))}")
-            tok.chat_template = Path(chat_template).read_text() if is_file else chat_templates.get(chat_template)
+        tok = load_tokenizer_with_template(tok_source, chat_template)
         if source.endswith(".gguf"):
             net = shard_model(load_pretrained(source, dtype=dtype, device="cpu"), env, **shard_kwargs)
         else:

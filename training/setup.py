@@ -141,12 +141,25 @@ def load_model_and_tokenizer(
         nf4_targets: Leaf names of linear layers stored as NF4 as they are read (QLoRA): peak memory
             while loading stays near the 4-bit size instead of the ``dtype`` size.
     """
-    from tunesmith.data import chat_templates, load_tokenizer
-    from tunesmith.models import load_gguf, load_hf_checkpoint
+    from tunesmith.models import load_pretrained
 
     source = resolve_source(model)
     tokenizer_source = resolve_source(tokenizer or model)
-    tok = load_tokenizer(tokenizer_source)
+    tok = load_tokenizer_with_template(tokenizer_source, chat_template)
+    net = load_pretrained(source, dtype=dtype, device=device, nf4_targets=nf4_targets)
+    return Pretrained(net, tok, source, tokenizer_source if Path(tokenizer_source).is_dir() else None)
+
+
+def load_tokenizer_with_template(source: str, chat_template: str | None = None) -> Any:
+    """The tokenizer of ``source`` (already resolved), with its chat template optionally replaced.
+
+    Args:
+        source: Tokenizer source (HF folder, Hub id, ``.gguf`` or ``.model`` file).
+        chat_template: A built-in template name (chatml, llama3, llama2, gemma) or a Jinja file.
+    """
+    from tunesmith.data import chat_templates, load_tokenizer
+
+    tok = load_tokenizer(source)
     if chat_template:
         if Path(chat_template).is_file():
             tok.chat_template = Path(chat_template).read_text()
@@ -155,9 +168,7 @@ def load_model_and_tokenizer(
         else:
             raise ConfigError(f"chat_template={chat_template!r} is neither a file nor one of "
                               f"{', '.join(sorted(chat_templates.TEMPLATES))}")
-    load = load_gguf if source.endswith(".gguf") else load_hf_checkpoint
-    net = load(source, dtype=dtype, device=device, nf4_targets=nf4_targets)
-    return Pretrained(net, tok, source, tokenizer_source if Path(tokenizer_source).is_dir() else None)
+    return tok
 
 
 def sft_batches(opts: DataOptions, tokenizer: Any, batch_size: int, seed: int) -> tuple[BatchStream, BatchStream, Any]:
