@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from tunesmith.models.gemma import GLOBAL, SLIDING, GemmaConfig, default_layer_types
+from tunesmith.models.llama_hf import expand_names
 
 HF_MODEL_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text"}
 HF_ARCHITECTURES = {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM"}
@@ -86,14 +87,6 @@ GGUF_PER_LAYER_V3 = {
 }
 
 
-def _expand(top: dict[str, str | None], per_layer: dict[str, str | None], num_layers: int) -> dict[str, str | None]:
-    names = dict(top)
-    for i in range(num_layers):
-        for theirs, ours in per_layer.items():
-            names[theirs.format(i=i)] = None if ours is None else ours.format(i=i)
-    return names
-
-
 def _per_layer(cfg: GemmaConfig, common: dict, v1: dict, v2: dict, v3: dict) -> dict[str, str | None]:
     table = dict(common)
     table.update(v1 if cfg.version == 1 else v2)
@@ -109,7 +102,7 @@ def hf_to_ours(cfg: GemmaConfig) -> dict[str, str | None]:
     skip it rather than let it overwrite the shared matrix.
     """
     per_layer = _per_layer(cfg, HF_PER_LAYER_COMMON, HF_PER_LAYER_V1, HF_PER_LAYER_V2, HF_PER_LAYER_V3)
-    names = _expand(HF_TOP_LEVEL, per_layer, cfg.num_layers)
+    names = expand_names(HF_TOP_LEVEL, per_layer, cfg.num_layers)
     if cfg.tie_embeddings:
         names["lm_head.weight"] = None
     return names
@@ -118,7 +111,7 @@ def hf_to_ours(cfg: GemmaConfig) -> dict[str, str | None]:
 def gguf_to_ours(cfg: GemmaConfig) -> dict[str, str | None]:
     """Every GGUF tensor name for ``cfg`` → our name (``None``: not a weight we load)."""
     per_layer = _per_layer(cfg, GGUF_PER_LAYER_COMMON, {}, GGUF_PER_LAYER_V2, GGUF_PER_LAYER_V3)
-    names = _expand(GGUF_TOP_LEVEL, per_layer, cfg.num_layers)
+    names = expand_names(GGUF_TOP_LEVEL, per_layer, cfg.num_layers)
     if cfg.tie_embeddings:
         names["output.weight"] = None
     return names

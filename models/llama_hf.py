@@ -63,7 +63,8 @@ GGUF_PER_LAYER = {
 }
 
 
-def _expand(top: dict[str, str | None], per_layer: dict[str, str | None], num_layers: int) -> dict[str, str | None]:
+def expand_names(top: dict[str, str | None], per_layer: dict[str, str | None], num_layers: int) -> dict[str, str | None]:
+    """A name table for a whole model: the top-level entries plus ``per_layer`` for each ``{i}``."""
     names = dict(top)
     for i in range(num_layers):
         for theirs, ours in per_layer.items():
@@ -77,7 +78,7 @@ def hf_to_ours(cfg: LlamaConfig) -> dict[str, str | None]:
     With tied embeddings ``lm_head.weight`` is the embedding itself: HF leaves it out of the file,
     and if a file has it anyway we skip it rather than let it overwrite the shared matrix.
     """
-    names = _expand(HF_TOP_LEVEL, HF_PER_LAYER, cfg.num_layers)
+    names = expand_names(HF_TOP_LEVEL, HF_PER_LAYER, cfg.num_layers)
     if cfg.tie_embeddings:
         names["lm_head.weight"] = None
     return names
@@ -85,7 +86,7 @@ def hf_to_ours(cfg: LlamaConfig) -> dict[str, str | None]:
 
 def gguf_to_ours(cfg: LlamaConfig) -> dict[str, str | None]:
     """Every GGUF tensor name for ``cfg`` → our name (``None``: not a weight we load)."""
-    names = _expand(GGUF_TOP_LEVEL, GGUF_PER_LAYER, cfg.num_layers)
+    names = expand_names(GGUF_TOP_LEVEL, GGUF_PER_LAYER, cfg.num_layers)
     if cfg.tie_embeddings:
         names["output.weight"] = None
     return names
