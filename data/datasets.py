@@ -203,7 +203,8 @@ def _field(record: dict, name: str, where: str, *, required: bool = True) -> Any
         if not required:
             return None
         raise DataError(f"{where}: missing field {name!r} (fields present: {sorted(record)}); "
-                        "if it has another name, map it with column_map={" + repr(name) + ": 'your_name'}")
+                        f"if it has another name, map it: column_map={{{name!r}: 'your_name'}} "
+                        f"(recipe config: data.column_map.{name}=your_name)")
     return record[name]
 
 

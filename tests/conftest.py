@@ -73,9 +73,6 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, Path]:
     """Train and held-out JSONL files for the repeat-twice task."""
-    path = tmp_path_factory.mktemp("tiny_data")
-    files = {}
-    for split, n, seed in (("train", 64, 0), ("val", 16, 1)):
-        files[split] = path / f"{split}.jsonl"
-        files[split].write_text("".join(json.dumps(r) + "\n" for r in make_records(n, seed)))
-    return files
+    from recipe_helpers import write_splits
+
+    return write_splits(tmp_path_factory.mktemp("tiny_data"), make_records)

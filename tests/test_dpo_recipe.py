@@ -3,7 +3,6 @@ preference is learned, a custom loss plugs in from YAML, resume is exact, the fu
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from tunesmith.data.preference import PreferenceDataset, preference_collate
 from tunesmith.models import apply_lora, load_pretrained
 from tunesmith.models.lora import disable_adapters
 from tunesmith.recipes import dpo_single_device as recipe
-from tunesmith.training import checkpointing
+from recipe_helpers import run_until_checkpoint, write_splits
 from tunesmith.training.config import build_config, load_yaml
 from tunesmith.training.preference import Reference, sequence_logprobs
 
@@ -38,12 +37,7 @@ def make_pairs(n: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def pref_data(tmp_path_factory) -> dict[str, Path]:
-    path = tmp_path_factory.mktemp("pref_data")
-    files = {}
-    for split, n, seed in (("train", 64, 0), ("val", 16, 1)):
-        files[split] = path / f"{split}.jsonl"
-        files[split].write_text("".join(json.dumps(r) + "\n" for r in make_pairs(n, seed)))
-    return files
+    return write_splits(tmp_path_factory.mktemp("pref_data"), make_pairs)
 
 
 def make_cfg(model_dir: Path, data: dict[str, Path], out: Path, **overrides) -> recipe.Config:
@@ -119,26 +113,12 @@ def test_custom_loss_by_import_path_in_yaml_trains_without_recipe_change(tiny_ll
     assert result["held_out_after"]["reward_acc"] > 0.8
 
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.mark.parametrize("variant", [{}, {"full": True, "precompute_reference": True, "lr": 1e-3}])
 def test_resume_after_stop_is_exact(tiny_llama_dir, pref_data, tmp_path, monkeypatch, variant):
     kw = dict(max_steps=6, save_every=3, **variant)
     full = recipe.main(make_cfg(tiny_llama_dir, pref_data, tmp_path / "full", **kw))
-    real_save = checkpointing.save_checkpoint
-
-    def save_then_stop(output_dir, step, **k):
-        path = real_save(output_dir, step, **k)
-        if step == 3:
-            raise _Stop
-        return path
-
-    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_stop)
-    with pytest.raises(_Stop):
-        recipe.main(make_cfg(tiny_llama_dir, pref_data, tmp_path / "split", **kw))
-    monkeypatch.setattr(checkpointing, "save_checkpoint", real_save)
+    run_until_checkpoint(monkeypatch, lambda: recipe.main(make_cfg(tiny_llama_dir, pref_data, tmp_path / "split", **kw)),
+                         stop_step=3)
     resumed = recipe.main(make_cfg(tiny_llama_dir, pref_data, tmp_path / "split", resume=True, **kw))
     assert len(resumed["losses"]) == 3
     assert torch.allclose(torch.tensor(resumed["losses"]), torch.tensor(full["losses"][3:]), atol=1e-6, rtol=0)

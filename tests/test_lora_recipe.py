@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 import tunesmith.models
 from tunesmith.recipes import lora_single_device as recipe
-from tunesmith.training import checkpointing
+from recipe_helpers import run_until_checkpoint
 from tunesmith.training.config import build_config, to_dict
 
 
@@ -47,25 +48,10 @@ def test_loss_falls_and_held_out_improves(tiny_llama_dir, tiny_data, tmp_path):
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
 
 
-class _Stop(Exception):
-    pass
-
-
 def test_resume_after_stop_gives_the_same_losses(tiny_llama_dir, tiny_data, tmp_path, monkeypatch):
     full = recipe.main(make_cfg(tiny_llama_dir, tiny_data, tmp_path / "full", max_steps=12, save_every=4))["losses"]
-
-    real_save = checkpointing.save_checkpoint
-
-    def save_then_stop(output_dir, step, **kw):
-        path = real_save(output_dir, step, **kw)
-        if step == 8:
-            raise _Stop
-        return path
-
-    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_stop)
-    with pytest.raises(_Stop):
-        recipe.main(make_cfg(tiny_llama_dir, tiny_data, tmp_path / "split", max_steps=12, save_every=4))
-    monkeypatch.setattr(checkpointing, "save_checkpoint", real_save)
+    run_until_checkpoint(monkeypatch, lambda: recipe.main(
+        make_cfg(tiny_llama_dir, tiny_data, tmp_path / "split", max_steps=12, save_every=4)), stop_step=8)
     resumed = recipe.main(make_cfg(tiny_llama_dir, tiny_data, tmp_path / "split", max_steps=12, save_every=4,
                                    resume=True))["losses"]
     assert len(resumed) == 4
@@ -146,3 +132,16 @@ def test_adapter_loads_in_peft_and_merged_model_in_transformers(tiny_llama_dir, 
     with torch.no_grad():
         merged_logits = merged(tokens).logits
     assert (merged_logits - peft_logits).abs().max() <= 1e-4
+
+
+def test_renamed_fields_map_through_config_and_missing_ones_name_file_line_field(tiny_llama_dir, tmp_path):
+    from tunesmith.data import DataError
+
+    rows = [{"instruction": "Repeat the words twice.", "input": "red cat", "response": "red cat red cat"}] * 8
+    data = tmp_path / "renamed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = {"train": data, "val": data}
+    with pytest.raises(DataError, match=r"renamed\.jsonl line 1: missing field 'output'.*data\.column_map\.output"):
+        recipe.main(make_cfg(tiny_llama_dir, files, tmp_path / "a", max_steps=1))
+    result = recipe.main(make_cfg(tiny_llama_dir, files, tmp_path / "b", max_steps=2, **{"data.column_map": {"output": "response"}}))
+    assert len(result["losses"]) == 2 and result["held_out_after"] < result["held_out_before"]

@@ -20,6 +20,7 @@ class DataOptions:
         val: Held-out examples (same forms); when unset, ``val_fraction`` of ``train`` is held out.
         val_fraction: Share of ``train`` held out when ``val`` is unset.
         format: ``instruct`` (instruction/input/output records) or ``chat`` (``messages`` lists).
+        column_map: Our field names → the records' own, e.g. ``{output: response}``.
         split: Which split of a Hub dataset repo ``train`` reads.
         val_split: Which split of a Hub dataset repo ``val`` reads.
         train_on: ``assistant`` (loss on the answers only) or ``all`` (every token).
@@ -32,6 +33,7 @@ class DataOptions:
     val: str | None = None
     val_fraction: float = 0.1
     format: str = "instruct"
+    column_map: dict[str, str] = field(default_factory=dict)
     split: str = "train"
     val_split: str = "validation"
     train_on: str = "assistant"

@@ -78,7 +78,7 @@ def load_sft_data(opts: DataOptions, tokenizer: Any, seed: int) -> tuple[Any, An
 
     def build(records: Any, source: str) -> Any:
         return SFTDataset(records, tokenizer, format=opts.format, max_seq_len=opts.max_seq_len,
-                          train_on=opts.train_on, source_name=source)
+                          train_on=opts.train_on, column_map=dict(opts.column_map) or None, source_name=source)
 
     return build(train_records, opts.train), build(val_records, opts.val or f"{opts.train} (held out)")
 
