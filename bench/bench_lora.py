@@ -6,13 +6,16 @@
 
 Both sides train the same model shape (random weights: speed does not depend on their values), on
 the same token batches, with the same LoRA settings (rank 8, alpha 16, q_proj + v_proj), AdamW,
-batch 4 × seq 256 by default. Each side runs in its own subprocess, so its peak memory is its own:
+batch 4 × seq 256 by default. Each side runs in its own subprocess, so its peak memory is its own;
+sides take turns for ``--rounds`` rounds and each is summarised by its median round (the machine's
+load drifts; taking turns spreads the drift over all sides):
 peak RSS on CPU (``ru_maxrss``, the whole process: PyTorch itself, weights, activations, the
 compiler), CUDA peak allocated on GPU. Tokens/s counts the tokens of the timed steps (after
 ``--warmup`` untimed steps, which include tunesmith's compilation).
 
-tunesmith runs with its speed switches on: ``compile`` (blocks + loss) and the chunked
-cross-entropy that projects only labelled positions. Random data (``--data random``) labels every
+tunesmith runs with its speed switches on: ``compile`` (blocks + loss), the chunked
+cross-entropy that projects only labelled positions, and on CPU ``attention: matmul`` (HF keeps its
+default, sdpa). Random data (``--data random``) labels every
 token; ``--data demo`` tokenizes the shipped JSON-extraction chat demo with the SmolLM2 tokenizer,
 labels only the answers, and packs examples into rows for tunesmith (per-document attention) while
 the HF side pads each batch to its longest example, as its data collator does.
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -65,7 +69,8 @@ def demo_examples(seq: int) -> list[dict[str, list[int]]]:
 # ------------------------------------------------------------------------------------------------
 # The sides. Each returns a function running one training step on a batch.
 # ------------------------------------------------------------------------------------------------
-def tunesmith_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool, chunk_size: int = 256):
+def tunesmith_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool, chunk_size: int = 256,
+                   attention: str = "sdpa"):
     from tunesmith.models import apply_lora, builders
     from tunesmith.models.hf_checkpoint import build_empty
     from tunesmith.models.llama import Llama
@@ -77,6 +82,7 @@ def tunesmith_side(shape: str, dtype: torch.dtype, device: torch.device, compile
         for name, p in model.named_parameters():
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
     apply_lora(model, TARGETS, rank=RANK, alpha=ALPHA)
+    model.set_attention(attention)
     model.train()
     loss_fn = CrossEntropyLoss(chunk_size=chunk_size)
     if compile:
@@ -95,7 +101,8 @@ def tunesmith_side(shape: str, dtype: torch.dtype, device: torch.device, compile
     return step
 
 
-def hf_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool, chunk_size: int = 0):
+def hf_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool, chunk_size: int = 0,
+            attention: str = "sdpa"):
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -121,7 +128,8 @@ def hf_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool,
     return step
 
 
-def torchtune_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool, chunk_size: int = 0):
+def torchtune_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool, chunk_size: int = 0,
+                   attention: str = "sdpa"):
     """torchtune 0.6.1's LoRA Llama with its recipe's defaults for speed: chunked-output CE, compile."""
     from torchtune.models.llama3_2._component_builders import lora_llama3_2
     from torchtune.modules.loss import CEWithChunkedOutputLoss
@@ -193,7 +201,9 @@ def run_side(args: argparse.Namespace) -> dict[str, float]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     batches = side_batches(args, args.side, builders.BUILDERS[args.shape]().vocab_size)
-    step = SIDES[args.side](args.shape, dtype, device, compile=not args.no_compile, chunk_size=args.chunk_size)
+    attention = args.attention or ("matmul" if device.type == "cpu" else "sdpa")
+    step = SIDES[args.side](args.shape, dtype, device, compile=not args.no_compile, chunk_size=args.chunk_size,
+                            attention=attention)
     losses = []
     for b in batches[: args.warmup]:
         losses.append(step({k: v.to(device) for k, v in b.items()}))
@@ -216,7 +226,8 @@ def run_side(args: argparse.Namespace) -> dict[str, float]:
 
         seq = max(b["tokens"].shape[1] for b in batches)
         est = estimate(builders.BUILDERS[args.shape](), dtype=args.dtype, batch_size=args.batch, seq_len=seq, rank=RANK,
-                       targets=TARGETS, chunk_size=args.chunk_size, device_type=device.type, compile=not args.no_compile)
+                       targets=TARGETS, chunk_size=args.chunk_size, device_type=device.type, compile=not args.no_compile,
+                       attention=attention)
         result["estimate_gib"] = est.total / GIB
     return result
 
@@ -230,6 +241,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=6, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation happens here)")
+    ap.add_argument("--rounds", type=int, default=3, help="each side runs this many times, sides taking turns")
     ap.add_argument("--data", choices=["random", "demo"], default="random")
     ap.add_argument("--examples-per-step", type=int, default=16, help="demo data, HF side: examples per batch")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -237,6 +249,8 @@ def main() -> None:
     ap.add_argument("--torchtune-python", default=sys.executable,
                     help="interpreter of an environment where torchtune 0.6.1 imports (it needs an older torchao)")
     ap.add_argument("--chunk-size", type=int, default=256, help="tunesmith's CE chunk of labelled positions")
+    ap.add_argument("--attention", choices=["sdpa", "matmul"],
+                    help="tunesmith's attention (default: matmul on CPU, sdpa on GPU)")
     ap.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side and print JSON
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -248,27 +262,32 @@ def main() -> None:
     env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(f"shape={args.shape} batch={args.batch} seq={args.seq} data={args.data} device={args.device} "
           f"steps={args.steps} (+{args.warmup} warmup) load={os.getloadavg()[0]:.2f} threads={torch.get_num_threads()}")
-    rows = []
     for dtype in args.dtypes.split(","):
-        results: dict[str, dict[str, float]] = {}
-        for side in args.sides.split(","):
-            python = args.torchtune_python if side == "torchtune" else sys.executable
-            cmd = [python, __file__, "--side", side, "--dtype", dtype, *sys.argv[1:]]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-                print(f"  {side:10s} {dtype}: skipped ({reason[:120]})")
-                continue
-            results[side] = json.loads(line[0][len("RESULT "):])
-        ref = results.get("hf_peft")
-        for side, r in results.items():
-            ratio = (f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x tok/s, {r['peak_gib'] / ref['peak_gib']:.2f}x mem"
+        # Sides take turns, round after round, so a change in the machine's load between rounds
+        # hits every side alike; each side is summarised by its median round.
+        runs: dict[str, list[dict[str, float]]] = {}
+        for rnd in range(1, args.rounds + 1):
+            for side in args.sides.split(","):
+                python = args.torchtune_python if side == "torchtune" else sys.executable
+                cmd = [python, __file__, "--side", side, "--dtype", dtype, *sys.argv[1:]]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode != 0 or not line:
+                    reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+                    print(f"  round {rnd} {side:10s} {dtype}: skipped ({reason[:120]})")
+                    continue
+                r = json.loads(line[0][len("RESULT "):])
+                runs.setdefault(side, []).append(r)
+                est = f" (estimate {r['estimate_gib']:.2f})" if "estimate_gib" in r else ""
+                print(f"  round {rnd} {side:10s} {dtype}: {r['tokens_per_s']:7.1f} tokens/s  peak {r['peak_gib']:.2f} GiB"
+                      f"{est}  loss {r['first_loss']:.3f}→{r['last_loss']:.3f}", flush=True)
+        median = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in runs.items()}
+        ref = median.get("hf_peft")
+        for side, r in median.items():
+            ratio = (f"  {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x tok/s, {r['peak_gib'] / ref['peak_gib']:.2f}x mem"
                      if ref else "")
-            rows.append((side, dtype, r, ratio))
-            est = f" (estimate {r['estimate_gib']:.2f})" if "estimate_gib" in r else ""
-            print(f"  {side:10s} {dtype}: {r['tokens_per_s']:7.1f} tokens/s  peak {r['peak_gib']:.2f} GiB{est}  "
-                  f"loss {r['first_loss']:.3f}→{r['last_loss']:.3f}  {ratio}", flush=True)
+            print(f"  median of {len(runs[side])}  {side:10s} {dtype}: {r['tokens_per_s']:7.1f} tokens/s  "
+                  f"peak {r['peak_gib']:.2f} GiB{ratio}", flush=True)
 
 
 if __name__ == "__main__":

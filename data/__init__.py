@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from tunesmith.data.collate import IGNORE_INDEX, pad_collate
 from tunesmith.data.datasets import DataError, Records, SFTDataset, load_records, split_records
@@ -25,18 +26,22 @@ TOKENIZER_FILES = [
 ]
 
 
-def load_tokenizer(source: str) -> Tokenizer:
+def load_tokenizer(source: str | Any) -> Tokenizer:
     """Load a tokenizer from wherever a model lives.
 
     Args:
         source: A local Hugging Face directory (tokenizer.json preferred, else tokenizer.model),
             a ``.gguf`` file (metadata vocabulary), a SentencePiece ``.model`` file, or a Hub repo
             id such as ``"HuggingFaceTB/SmolLM2-135M-Instruct"`` (only the tokenizer files are
-            downloaded).
+            downloaded); or a ``gguf.GGUFReader`` already open on a ``.gguf`` file.
 
     Returns:
         The ``Tokenizer``.
     """
+    if not isinstance(source, (str, os.PathLike)):  # an open GGUFReader
+        from tunesmith.data.gguf_tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(source)
     source = os.fspath(source)
     if source.endswith(".gguf"):
         if not os.path.isfile(source):

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ from tunesmith.models.peft_adapter import load_peft_adapter, save_peft_adapter
 
 
 def load_pretrained(
-    source: str | Path,
+    source: str | Path | Any,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     nf4_targets: Sequence[str] = (),
@@ -51,7 +52,7 @@ def load_pretrained(
     Args:
         source: A local Hugging Face model directory, a Hub repo id (``org/name``, downloaded
             into the HF cache; ``HF_TOKEN`` is read for gated repos), or a ``.gguf`` file
-            (dequantized to ``dtype``).
+            (dequantized to ``dtype``) or a ``gguf.GGUFReader`` open on one.
         dtype: Parameter dtype.
         device: Where the parameters live.
         nf4_targets: Leaf names of linear layers (``q_proj``, …) stored as NF4 as they are read
@@ -60,7 +61,7 @@ def load_pretrained(
     Returns:
         The model (``Llama``, or another family's class) in eval mode.
     """
-    if str(source).endswith(".gguf"):
+    if not isinstance(source, (str, Path)) or str(source).endswith(".gguf"):  # a path or an open GGUFReader
         return load_gguf(source, dtype=dtype, device=device, nf4_targets=nf4_targets)
     return load_hf_checkpoint(source, dtype=dtype, device=device, nf4_targets=nf4_targets)
 

@@ -37,7 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from tunesmith.models.llama import CausalLM, KVCache, apply_rope, attention_mask, rope_cos_sin, rope_inv_freq
+from tunesmith.models.llama import (
+    CausalLM, KVCache, apply_rope, attention_mask, matmul_attention, rope_cos_sin, rope_inv_freq, soft_cap,
+)
 
 SLIDING = "sliding_attention"
 GLOBAL = "full_attention"
@@ -148,11 +150,6 @@ class GemmaRMSNorm(nn.Module):
         return (h * (1.0 + self.weight.float())).to(x.dtype)
 
 
-def soft_cap(x: Tensor, cap: float) -> Tensor:
-    """Squash ``x`` smoothly into (-cap, cap): ``cap · tanh(x / cap)`` (Gemma 2)."""
-    return cap * torch.tanh(x / cap)
-
-
 class GemmaAttention(nn.Module):
     """Self-attention with Gemma's options: QK-norm, query_pre_attn_scalar, soft-capping, local window.
 
@@ -174,6 +171,7 @@ class GemmaAttention(nn.Module):
         self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.version == 3 else None
         self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.version == 3 else None
         self.kv_cache: KVCache | None = None
+        self.use_sdpa = True  # SDPA cannot soft-cap: Gemma 2 always takes matmul_attention
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         b, s, _ = x.shape
@@ -185,26 +183,14 @@ class GemmaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(k, v)
-        if self.softcap is None:
+        if self.use_sdpa and self.softcap is None:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                 enable_gqa=self.num_kv_heads != self.num_heads,
             )  # [b, h, s, hd]
         else:
-            out = self._softcapped_attention(q, k, v, mask)
+            out = matmul_attention(q, k, v, mask, self.scale, self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
-
-    def _softcapped_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """Attention written out, because SDPA has no hook between the scores and the softmax."""
-        groups = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [b, h, t, hd]
-        scores = soft_cap((q @ k.transpose(-2, -1)) * self.scale, self.softcap)  # [b, h, s, t]
-        if mask is None:  # plain causal: the query at row i sees keys 0..i (of the s query rows)
-            s, t = scores.shape[-2:]
-            mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return probs @ v  # [b, h, s, hd]
 
 
 class GeGLU(nn.Module):

@@ -47,8 +47,37 @@ def dequantize_tensor(t: Any) -> Tensor:
     return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
 
 
+def config_from_reader(reader: Any, path: str | Path) -> tuple[Any, type[nn.Module], Any]:
+    """(family module, model class, config) of an open GGUF file, from its metadata.
+
+    Two facts live outside the metadata: a tied head is a file without ``output.weight``, and
+    Llama 3.1/3.2 RoPE scaling is the ``rope_freqs.weight`` tensor (llama.cpp's per-frequency
+    divisors), handed to the family as ``meta["rope_freqs"]``.
+
+    Raises:
+        CheckpointFormatError: unsupported architecture or metadata the family cannot use.
+    """
+    meta = read_metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_FAMILIES:
+        raise CheckpointFormatError(
+            f"{path}: general.architecture {arch!r} is not supported (supported: {sorted(GGUF_FAMILIES)})"
+        )
+    family, cls = GGUF_FAMILIES[arch]
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        meta["rope_freqs"] = dequantize_tensor(tensors["rope_freqs.weight"])
+    try:
+        cfg = family.config_from_gguf(meta)
+    except (KeyError, ValueError) as e:
+        raise CheckpointFormatError(f"{path}: {e}") from e
+    if "output.weight" not in tensors:
+        cfg = dataclasses.replace(cfg, tie_embeddings=True)
+    return family, cls, cfg
+
+
 def load_gguf(
-    path: str | Path,
+    path: str | Path | Any,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     nf4_targets: Sequence[str] = (),
@@ -59,7 +88,8 @@ def load_gguf(
     (llama.cpp's convention for tied models such as SmolLM2 and Llama 3.2).
 
     Args:
-        path: The ``.gguf`` file.
+        path: The ``.gguf`` file, or a ``gguf.GGUFReader`` already open on it (parsing a file with a
+            large vocabulary takes seconds, ~11 s for Gemma 3: the tokenizer loader can share it).
         dtype: Parameter dtype of the returned model.
         device: Where the parameters live.
         nf4_targets: Leaf names of linear layers re-quantized to NF4 as they are read (QLoRA);
@@ -73,25 +103,14 @@ def load_gguf(
     """
     import gguf
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: GGUF file not found")
-    reader = gguf.GGUFReader(path)
-    meta = read_metadata(reader)
-    arch = meta.get("general.architecture")
-    if arch not in GGUF_FAMILIES:
-        raise CheckpointFormatError(
-            f"{path}: general.architecture {arch!r} is not supported (supported: {sorted(GGUF_FAMILIES)})"
-        )
-    family, cls = GGUF_FAMILIES[arch]
-    try:
-        cfg = family.config_from_gguf(meta)
-    except (KeyError, ValueError) as e:
-        raise CheckpointFormatError(f"{path}: {e}") from e
-    tensor_names = {t.name for t in reader.tensors}
-    if "output.weight" not in tensor_names:
-        cfg = dataclasses.replace(cfg, tie_embeddings=True)
-
+    if isinstance(path, gguf.GGUFReader):
+        reader, path = path, Path(path.data.filename)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: GGUF file not found")
+        reader = gguf.GGUFReader(path)
+    family, cls, cfg = config_from_reader(reader, path)
     names = family.gguf_to_ours(cfg)
 
     def tensors() -> Iterator[tuple[str, Path, Tensor]]:

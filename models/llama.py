@@ -12,8 +12,9 @@ from HF's full parameter names to ours lives in ``models/llama_hf.py``.
 Shapes in comments: b = batch, s = sequence, d = hidden size, h = heads, kvh = key/value heads,
 hd = head dim, v = vocabulary.
 
-The smaller pieces (``RMSNorm``, ``rope_inv_freq``, ``apply_rope``, ``KVCache``, ``attention_mask``)
-are public so the other families (Gemma) reuse them and show only what they change.
+The smaller pieces (``RMSNorm``, ``rope_inv_freq``, ``apply_rope``, ``KVCache``, ``attention_mask``,
+``matmul_attention``) are public so the other families (Gemma) reuse them and show only what they
+change.
 """
 
 from __future__ import annotations
@@ -153,6 +154,71 @@ def attention_mask(
     return allowed[:, None]
 
 
+def soft_cap(x: Tensor, cap: float) -> Tensor:
+    """Squash ``x`` smoothly into (-cap, cap): ``cap · tanh(x / cap)`` (Gemma 2's scores and logits)."""
+    return cap * torch.tanh(x / cap)
+
+
+class _SoftmaxTo(torch.autograd.Function):
+    """``softmax(x, -1).to(dtype)`` for fp32 scores x, keeping only the ``dtype`` output for backward.
+
+    Plain autograd would keep the fp32 softmax output as well as its bf16 copy (the second matmul
+    needs that one): 3× the bytes for the largest tensor attention saves. The softmax gradient
+    ``p ⊙ (g − Σ p⊙g)`` is computed from the stored copy instead; exact in fp32 runs, and in bf16
+    runs it carries the same rounding as the matmul that consumes p.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, scores: Tensor, dtype: torch.dtype) -> Tensor:
+        probs = torch.softmax(scores, dim=-1).to(dtype)
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (probs,) = ctx.saved_tensors
+        p, g = probs.float(), grad.float()
+        return p * (g - (p * g).sum(dim=-1, keepdim=True)), None
+
+
+def matmul_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, softcap: float | None = None
+) -> Tensor:
+    """Attention written out: ``softmax(q kᵀ · scale [+ soft-cap], masked) v``, grouped-query.
+
+    The alternative to SDPA's fused kernel (``model.set_attention("matmul")``) and the only way to
+    touch the scores between the matmuls (Gemma 2's soft-cap). The ``g = h / kvh`` query heads that
+    share a key/value head are stacked into one [g·s, hd] matrix, so K and V are never repeated.
+    Under ``torch.compile`` the scale, cap, mask and softmax become one fused kernel between two
+    batched matmuls — on CPU and short sequences faster than SDPA's flash kernel — but the [s, t]
+    probabilities of every head are kept for backward (memory grows with s², unlike SDPA's; only
+    their copy in v's dtype is kept, see ``_SoftmaxTo``).
+
+    Args:
+        q: Queries [b, h, s, hd].
+        k, v: Keys and values [b, kvh, t, hd] (t = s, or cache + s when decoding).
+        mask: Boolean [b, 1, s, t], True where a query may attend; ``None`` = plain causal.
+        scale: Multiplies the scores (1/√hd for Llama).
+        softcap: Gemma 2's ``c · tanh(scores / c)`` on the scaled scores; ``None`` = off.
+
+    Returns:
+        [b, h, s, hd], in q's dtype. Scores and softmax are computed in fp32.
+    """
+    b, h, s, hd = q.shape
+    kvh, t = k.shape[1], k.shape[2]
+    g = h // kvh
+    scores = (q.reshape(b, kvh, g * s, hd) @ k.transpose(-2, -1)).float() * scale  # [b, kvh, g·s, t]
+    if softcap is not None:
+        scores = soft_cap(scores, softcap)
+    if mask is None:  # plain causal: query row i sees keys 0..i + (t - s)
+        mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
+    else:
+        mask = mask[:, :, None]  # [b, 1, 1, s, t]: the same for every head of a group
+    scores = scores.view(b, kvh, g, s, t).masked_fill(~mask, torch.finfo(torch.float32).min)
+    probs = _SoftmaxTo.apply(scores, v.dtype).view(b, kvh, g * s, t)
+    return (probs @ v).view(b, h, s, hd)
+
+
 class KVCache(nn.Module):
     """Keys and values of earlier positions, so decoding a token costs one position, not all."""
 
@@ -177,7 +243,8 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE, through ``F.scaled_dot_product_attention``."""
+    """Grouped-query self-attention with RoPE, through ``F.scaled_dot_product_attention``
+    (or ``matmul_attention`` when ``use_sdpa`` is off; see ``CausalLM.set_attention``)."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -187,6 +254,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
+        self.use_sdpa = True
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         b, s, _ = x.shape
@@ -196,9 +264,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
-        )  # [b, h, s, hd]
+        if self.use_sdpa:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
+            )  # [b, h, s, hd]
+        else:
+            out = matmul_attention(q, k, v, mask, scale=self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -256,6 +327,20 @@ class CausalLM(nn.Module):
     ) -> Tensor:
         """Logits [b, s, v] for tokens [b, s]; see ``hidden_states`` for the arguments."""
         return self.logits(self.hidden_states(tokens, positions=positions, document_ids=document_ids))
+
+    def set_attention(self, implementation: str) -> None:
+        """Choose how every layer computes attention.
+
+        Args:
+            implementation: ``sdpa`` (default): PyTorch's fused kernel (flash attention on GPU and
+                CPU), memory linear in sequence length. ``matmul``: ``matmul_attention``, two batched
+                matmuls and a softmax that ``torch.compile`` fuses; faster on CPU for short sequences,
+                memory quadratic in sequence length.
+        """
+        if implementation not in ("sdpa", "matmul"):
+            raise ValueError(f"attention must be 'sdpa' or 'matmul', got {implementation!r}")
+        for layer in self.layers:
+            layer.attn.use_sdpa = implementation == "sdpa"
 
     # -- KV cache for generation ------------------------------------------------------------------
     def setup_kv_cache(self, batch: int, max_len: int | None = None) -> None:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from tunesmith.models.llama import LlamaConfig
+from tunesmith.models.llama import LlamaConfig, rope_inv_freq
 
 # ------------------------------------------------------------------------------------------------
 # Names. ``{i}`` is the layer index.
@@ -89,6 +90,8 @@ def gguf_to_ours(cfg: LlamaConfig) -> dict[str, str | None]:
     names = expand_names(GGUF_TOP_LEVEL, GGUF_PER_LAYER, cfg.num_layers)
     if cfg.tie_embeddings:
         names["output.weight"] = None
+    if cfg.rope_scaling:
+        names["rope_freqs.weight"] = None  # already turned into cfg.rope_scaling; RoPE is recomputed
     return names
 
 
@@ -201,6 +204,11 @@ def config_from_gguf(meta: dict[str, Any]) -> LlamaConfig:
     num_heads = get("attention.head_count")
     hidden = get("embedding_length")
     vocab = get("vocab_size", None) or len(meta["tokenizer.ggml.tokens"])
+    head_dim = get("attention.key_length", None) or get("rope.dimension_count", None) or hidden // num_heads
+    theta = get("rope.freq_base", 10000.0)
+    rope_scaling = None
+    if "rope_freqs" in meta:  # Llama 3.1 / 3.2: the scaling is stored as a tensor, not as metadata
+        rope_scaling = llama3_scaling_from_rope_freqs(meta["rope_freqs"], head_dim, theta)
     return LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -208,14 +216,39 @@ def config_from_gguf(meta: dict[str, Any]) -> LlamaConfig:
         num_heads=num_heads,
         num_kv_heads=get("attention.head_count_kv", num_heads),
         intermediate_size=get("feed_forward_length"),
-        head_dim=get("attention.key_length", None) or get("rope.dimension_count", None) or hidden // num_heads,
+        head_dim=head_dim,
         norm_eps=get("attention.layer_norm_rms_epsilon"),
-        rope_theta=get("rope.freq_base", 10000.0),
+        rope_theta=theta,
+        rope_scaling=rope_scaling,
         max_seq_len=get("context_length"),
         tie_embeddings=False,  # decided by the loader: tied when the file has no output.weight
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
     )
+
+
+def llama3_scaling_from_rope_freqs(rope_freqs: Tensor, head_dim: int, theta: float) -> dict[str, Any]:
+    """HF's ``rope_scaling`` for a GGUF's ``rope_freqs.weight`` (Llama 3.1 / 3.2 files).
+
+    llama.cpp's converter writes, per frequency, the number the base frequency is divided by; it
+    computes them from the Llama 3 scaling rule. The file keeps only the divisors, so we take
+    ``factor`` = the largest divisor and the three parameters every Llama 3.x release shares (low 1,
+    high 4, original context 8192), then check that they reproduce every stored divisor.
+
+    Raises:
+        ValueError: the divisors do not follow the Llama 3 rule with those parameters.
+    """
+    factor = float(rope_freqs.max())
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    divisors = rope_inv_freq(head_dim, theta) / rope_inv_freq(head_dim, theta, scaling)
+    if rope_freqs.shape != divisors.shape or not torch.allclose(rope_freqs.float(), divisors, rtol=1e-4, atol=0):
+        raise ValueError(
+            f"rope_freqs.weight (shape {tuple(rope_freqs.shape)}) is not Llama 3 RoPE scaling with factor {factor}, "
+            "low_freq_factor 1, high_freq_factor 4 and original context 8192; convert the model from its "
+            "Hugging Face checkpoint instead"
+        )
+    return scaling
 
 
 def unpermute_qk(w: Tensor, n_heads: int) -> Tensor:

@@ -36,7 +36,7 @@ from tunesmith.training.losses import IGNORE_INDEX, CrossEntropyLoss
 from tunesmith.training.metrics import MetricLogger, peak_memory_gib
 from tunesmith.training.options import DataOptions, RunOptions
 from tunesmith.training.schedules import warmup_cosine
-from tunesmith.training.setup import build_optimizer, select_dtype, sft_batches, to_device
+from tunesmith.training.setup import build_optimizer, select_dtype, set_attention, sft_batches, to_device
 
 
 @dataclass
@@ -107,6 +107,7 @@ def main(cfg: Config) -> dict[str, Any]:
                                         **sharding_options(cfg, env))
     model, tokenizer = base.model, base.tokenizer
     model.activation_checkpointing = cfg.activation_checkpointing
+    set_attention(model, cfg.attention)
     params = list(model.parameters())  # every parameter trains (this rank's shards of them)
 
     batches, val_batches, val_set = sft_batches(cfg.data, tokenizer, cfg.batch_size, cfg.seed)

@@ -38,6 +38,7 @@ from tunesmith.training.setup import (
     load_model_and_tokenizer,
     select_device,
     select_dtype,
+    set_attention,
     sft_batches,
     to_device,
 )
@@ -109,6 +110,7 @@ def main(cfg: Config) -> dict[str, Any]:
     apply_lora(model, cfg.lora.targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                quantize_base=cfg.quantize_base)
     model.activation_checkpointing = cfg.activation_checkpointing
+    set_attention(model, cfg.attention)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # the adapters
 
     batches, val_batches, val_set = sft_batches(cfg.data, tokenizer, cfg.batch_size, cfg.seed)

@@ -71,7 +71,11 @@ def test_logits_match_transformers(version, tmp_path):
     with torch.no_grad():
         expected = ref(TOKENS).logits
         got = ours(TOKENS)
+        ours.set_attention("matmul")
+        got_matmul = ours(TOKENS)
+        ours.set_attention("sdpa")
     assert (got - expected).abs().max().item() <= 1e-4
+    assert (got_matmul - expected).abs().max().item() <= 1e-4
     if version == 2:  # the caps were really in play
         with torch.no_grad():
             raw = ours.output(ours.hidden_states(TOKENS))
@@ -121,9 +125,11 @@ def test_sliding_window_limits_attention():
     assert (diff[reach + 1 :] == 0).all()  # beyond: exactly nothing
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
 @pytest.mark.parametrize("version", [1, 2, 3])
-def test_kv_cache_decoding_matches_full_forward(version):
+def test_kv_cache_decoding_matches_full_forward(version, attention):
     model = random_model(tiny(version))
+    model.set_attention(attention)
     tokens = TOKENS[:, :14]  # longer than the window: the cache must mask old positions
     with torch.no_grad():
         full = model(tokens)
@@ -133,9 +139,11 @@ def test_kv_cache_decoding_matches_full_forward(version):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
 @pytest.mark.parametrize("version", [2, 3])
-def test_packed_documents_match_separate_runs(version):
+def test_packed_documents_match_separate_runs(version, attention):
     model = random_model(tiny(version))
+    model.set_attention(attention)
     a, b = TOKENS[0, :9], TOKENS[1, :7]  # each longer than the window of 4
     packed = torch.cat([a, b])[None]
     positions = torch.cat([torch.arange(9), torch.arange(7)])[None]

@@ -41,17 +41,21 @@ def saved_activation_bytes(model: Llama, tokens: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("dtype,checkpointing", [("fp32", False), ("bf16", False), ("fp32", True)])
-def test_activation_term_matches_what_autograd_saves(dtype, checkpointing):
+@pytest.mark.parametrize("dtype,checkpointing,attention", [
+    ("fp32", False, "sdpa"), ("bf16", False, "sdpa"), ("fp32", True, "sdpa"), ("fp32", False, "matmul"),
+    ("bf16", False, "matmul"),
+])
+def test_activation_term_matches_what_autograd_saves(dtype, checkpointing, attention):
     torch.manual_seed(0)
     model = Llama(SHAPE).to(DTYPES[dtype])
     apply_lora(model, TARGETS, rank=8, alpha=16)
     model.train()
     model.activation_checkpointing = checkpointing
+    model.set_attention(attention)
     b, s = 2, 128
     measured = saved_activation_bytes(model, torch.randint(0, SHAPE.vocab_size, (b, s)))
     est = estimate(SHAPE, dtype=dtype, batch_size=b, seq_len=s, rank=8, targets=TARGETS,
-                   activation_checkpointing=checkpointing, device_type="cuda")
+                   activation_checkpointing=checkpointing, device_type="cuda", attention=attention)
     expected = est.activations
     if checkpointing:  # the estimate adds one block being recomputed in backward; the forward saves block inputs only
         from tunesmith.training.memory import activation_bytes_per_token_layer

@@ -3,7 +3,8 @@
 Each switch is run through the LoRA recipe on the tiny random Llama (fp32, CPU) against a plain
 run with the same seed and data:
 
-* ``compile`` + ``activation_checkpointing`` + a small CE ``chunk_size`` together: the step losses
+* ``compile`` + ``activation_checkpointing`` + ``attention: matmul`` + a small CE ``chunk_size``
+  together: the step losses
   must match the plain run to 1e-5 (they compute the same function; only the order of floating-point
   operations may change). Each of checkpointing and chunking is also checked alone, cheaply, on
   loss *and* adapter gradients.
@@ -57,11 +58,11 @@ def loss_and_grads(model, batch, loss_fn):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_compile_checkpointing_and_chunked_ce_leave_recipe_losses_unchanged(tiny_llama_dir, tiny_data, tmp_path):
+def test_compile_checkpointing_matmul_attention_and_chunked_ce_leave_recipe_losses_unchanged(tiny_llama_dir, tiny_data, tmp_path):
     plain = recipe.main(make_cfg(tiny_llama_dir, tiny_data, tmp_path / "plain", loss_args={"chunk_size": 0}))
     switched = recipe.main(make_cfg(
         tiny_llama_dir, tiny_data, tmp_path / "switched",
-        compile=True, activation_checkpointing=True, loss_args={"chunk_size": 7},
+        compile=True, activation_checkpointing=True, attention="matmul", loss_args={"chunk_size": 7},
     ))
     torch.testing.assert_close(torch.tensor(switched["losses"]), torch.tensor(plain["losses"]), atol=1e-5, rtol=0)
     assert abs(switched["held_out_after"] - plain["held_out_after"]) <= 1e-5

@@ -56,6 +56,32 @@ def test_chunked_cross_entropy_equals_full_logits(chunk):
     assert torch.allclose(gw_ours, head.weight.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_frozen_head_cross_entropy_matches_full_logits(compiled):
+    """The usual LoRA case: the head is the model's frozen output layer, so the loss computes the
+    hidden states' gradient chunk by chunk in forward (fused into one pass when compiled)."""
+    from tunesmith.models.llama import Llama, LlamaConfig
+    from tunesmith.training.losses import frozen_linear_head
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                              intermediate_size=32)).requires_grad_(False)
+    assert frozen_linear_head(model.logits) is model.output.weight  # the path under test is taken
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :4] = -100
+    loss_fn = CrossEntropyLoss(chunk_size=4)
+    if compiled:
+        loss_fn.compile()
+    ours = loss_fn(hidden, labels, model.logits)
+    (2.0 * ours).backward()  # a non-unit upstream gradient must scale the stored one
+    g_ours, hidden.grad = hidden.grad.clone(), None
+    ref = F.cross_entropy(model.logits(hidden).reshape(-1, 50), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    (2.0 * ref).backward()
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(g_ours, hidden.grad, atol=1e-6, rtol=1e-5)
+
+
 def test_batch_stream_is_a_pure_function_of_the_index():
     data = [{"i": i} for i in range(10)]
     stream = BatchStream(data, 3, collate=lambda items: [x["i"] for x in items], seed=5)

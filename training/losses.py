@@ -31,6 +31,21 @@ def _chunk_cross_entropy(h: Tensor, y: Tensor, head: Callable[[Tensor], Tensor])
     return F.cross_entropy(head(h).float(), y, reduction="sum")
 
 
+def _cross_entropy_and_grad(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Σ CE(logits, y) and its gradient w.r.t. the logits, softmax − onehot(y), in the logits' dtype.
+
+    Written as whole-tensor ops so that ``torch.compile`` turns it into one reduction pass
+    (log-sum-exp, in fp32) and one elementwise pass writing the gradient: no fp32 copy of the
+    [c, v] logits is materialised (eager runs it as ~6 passes over them).
+    """
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)  # [c]
+    loss = (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+    is_target = torch.arange(z.shape[-1], device=z.device)[None, :] == y[:, None]  # [c, v] one-hot, never stored
+    grad = torch.exp(z - lse[:, None]) - is_target.to(z.dtype)
+    return loss, grad.to(logits.dtype)
+
+
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
     """Σ CE(h Wᵀ, y) for a frozen head W, with the gradient for h computed chunk by chunk in forward.
 
@@ -41,25 +56,24 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, h: Tensor, weight: Tensor, y: Tensor, chunk_size: int) -> Tensor:
+    def forward(
+        ctx: Any, h: Tensor, weight: Tensor, y: Tensor, chunk_size: int, chunk_grad: Callable[..., tuple[Tensor, Tensor]]
+    ) -> Tensor:
         total = h.new_zeros((), dtype=torch.float32)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         for start in range(0, h.shape[0], chunk_size):
             h_c, y_c = h[start:start + chunk_size], y[start:start + chunk_size]
-            logits = (h_c @ weight.t()).float()  # [c, v]
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y_c[:, None]).squeeze(1)).sum()
+            loss, grad_logits = chunk_grad(h_c @ weight.t(), y_c)  # logits [c, v] in the weight's dtype
+            total += loss
             if grad_h is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                probs[torch.arange(len(y_c), device=y_c.device), y_c] -= 1.0
-                grad_h[start:start + chunk_size] = probs.to(weight.dtype) @ weight
+                grad_h[start:start + chunk_size] = grad_logits @ weight
         ctx.save_for_backward(grad_h)
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, None, None, None]:
+    def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         (grad_h,) = ctx.saved_tensors
-        return grad_total.to(grad_h.dtype) * grad_h, None, None, None
+        return grad_total.to(grad_h.dtype) * grad_h, None, None, None, None
 
 
 def frozen_linear_head(head: Callable[[Tensor], Tensor]) -> Tensor | None:
@@ -98,6 +112,7 @@ class CrossEntropyLoss:
     def __init__(self, chunk_size: int = 1024) -> None:
         self.chunk_size = chunk_size
         self.chunk_loss: Callable[[Tensor, Tensor, Callable[[Tensor], Tensor]], Tensor] = _chunk_cross_entropy
+        self.chunk_grad: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] = _cross_entropy_and_grad
 
     def compile(self) -> None:
         """Compile the per-chunk projection + cross-entropy (``torch.compile``).
@@ -106,13 +121,14 @@ class CrossEntropyLoss:
         logits, so each chunk needs less memory and time; the first call pays the compilation.
         """
         self.chunk_loss = torch.compile(_chunk_cross_entropy, dynamic=True)
+        self.chunk_grad = torch.compile(_cross_entropy_and_grad, dynamic=True)
 
     def __call__(self, hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor]) -> Tensor:
         keep = labels != IGNORE_INDEX
         h, y = hidden[keep], labels[keep]  # [n, d], [n]: prompt and padding positions are never projected
         weight = frozen_linear_head(head)
         if weight is not None and self.chunk_size > 0 and torch.is_grad_enabled():
-            return _FrozenHeadCrossEntropy.apply(h, weight, y, self.chunk_size)
+            return _FrozenHeadCrossEntropy.apply(h, weight, y, self.chunk_size, self.chunk_grad)
         if self.chunk_size <= 0 or h.shape[0] <= self.chunk_size:
             return self.chunk_loss(h, y, head)
         total = hidden.new_zeros((), dtype=torch.float32)

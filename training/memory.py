@@ -12,7 +12,7 @@ weights are loaded):
   variants keep one byte each (tensors under 4096 values stay 32-bit, as bitsandbytes does).
 * activations: what autograd saves for backward, per token per layer (counted for our Llama block
   with the saved-tensor hooks in tests/test_memory_estimate.py): the two RMSNorms' inputs and
-  outputs, SDPA's q, k, v and output, SwiGLU's gate, up and silu(gate), the adapters' rank-r
+  outputs, SDPA's q, k, v and output (with ``attention: matmul`` also the [s × s] probabilities), SwiGLU's gate, up and silu(gate), the adapters' rank-r
   middles. Frozen linear layers save no input (no weight gradient). With activation checkpointing
   only each block's input is kept, plus one block's activations while it is recomputed.
 * logits: the cross-entropy's fp32 log-softmax and its gradient for one chunk of labelled
@@ -71,7 +71,8 @@ def _linear_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
 
 
 def activation_bytes_per_token_layer(
-    cfg: Any, dtype_bytes: int, rank: int, targets: list[str], compiled: bool = False
+    cfg: Any, dtype_bytes: int, rank: int, targets: list[str], compiled: bool = False,
+    attention: str = "sdpa", seq_len: int = 0,
 ) -> float:
     """Bytes autograd saves per token in one block (no checkpointing).
 
@@ -79,6 +80,8 @@ def activation_bytes_per_token_layer(
     (SwiGLU) + 2·q + 2·kv (SDPA's q, k, v, output) + h (SDPA's log-sum-exp, fp32) + r per adapter
     (+ I when ``down_proj`` is adapted: its input is otherwise not kept);
     in 16-bit runs RMSNorm's fp32 upcast keeps one more fp32 copy of the residual stream (4·d bytes).
+    ``attention="matmul"`` keeps q, k, v and every head's probabilities over the ``seq_len`` keys
+    in the run's dtype (h·s per token) instead of SDPA's q, k, v, output and log-sum-exp.
     """
     d, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
@@ -93,6 +96,8 @@ def activation_bytes_per_token_layer(
         upcast = 4 * d if dtype_bytes < 4 else 0
     if "down_proj" in targets:  # its adapter keeps its input, silu(gate)·up, which nothing else saves
         values += inter
+    if attention == "matmul":  # keeps q, k, v and the probabilities [h, s] per token; no output, no lse
+        return (values - q + cfg.num_heads * seq_len) * dtype_bytes + upcast
     return values * dtype_bytes + 4 * cfg.num_heads + upcast
 
 
@@ -110,6 +115,7 @@ def estimate(
     chunk_size: int = 1024,
     device_type: str = "cpu",
     compile: bool = False,
+    attention: str = "sdpa",
 ) -> MemoryEstimate:
     """Peak memory of LoRA / QLoRA training for a model shape and run settings.
 
@@ -127,6 +133,7 @@ def estimate(
         device_type: ``cpu`` (peak RSS, includes the runtime) or ``cuda`` (peak allocated).
         compile: Blocks are compiled: fewer saved activations (see ``activation_bytes_per_token_layer``)
             and, on CPU, the compiler's own footprint.
+        attention: ``sdpa`` or ``matmul`` (the latter keeps [s × s] probabilities per head).
     """
     e = DTYPE_BYTES[dtype]
     shapes = _linear_shapes(cfg)
@@ -157,11 +164,14 @@ def estimate(
         opt = 2 * trainable * e
 
     # Activations saved for backward, and the loss's logits for one chunk.
-    per_layer = activation_bytes_per_token_layer(cfg, e, rank, targets, compiled=compile)
+    per_layer = activation_bytes_per_token_layer(cfg, e, rank, targets, compiled=compile, attention=attention,
+                                                 seq_len=seq_len)
     if activation_checkpointing:
         activations = tokens * (cfg.num_layers * cfg.hidden_size * e + per_layer)
     else:
         activations = tokens * cfg.num_layers * per_layer
+        if attention == "matmul" and "k_proj" not in targets:  # layer 0's keys need no gradient: q not kept
+            activations -= tokens * cfg.num_heads * cfg.head_dim * e
     activations += tokens * (2 * cfg.head_dim * e + e * cfg.hidden_size)  # RoPE tables, labelled hidden states
     positions = tokens if chunk_size <= 0 else min(chunk_size, tokens)
     logits = positions * cfg.vocab_size * (e + 2 * 4)
@@ -185,15 +195,9 @@ def model_config(source: str) -> Any:
     if path.endswith(".gguf"):
         import gguf
 
-        from tunesmith.models.gguf_loader import read_metadata
-        from tunesmith.models.hf_checkpoint import GGUF_FAMILIES
+        from tunesmith.models.gguf_loader import config_from_reader
 
-        reader = gguf.GGUFReader(path)
-        meta = read_metadata(reader)
-        cfg = GGUF_FAMILIES[meta["general.architecture"]][0].config_from_gguf(meta)
-        if "output.weight" not in {t.name for t in reader.tensors}:
-            cfg.tie_embeddings = True
-        return cfg
+        return config_from_reader(gguf.GGUFReader(path), path)[2]
     from tunesmith.models.hf_checkpoint import read_config
 
     model_dir = Path(path)
@@ -221,5 +225,5 @@ def estimate_run_memory(cfg: Any) -> MemoryEstimate:
         rank=cfg.lora.rank, targets=list(cfg.lora.targets), quantize_base=getattr(cfg, "quantize_base", False),
         optimizer=cfg.optimizer, activation_checkpointing=cfg.activation_checkpointing,
         chunk_size=int(cfg.loss_args.get("chunk_size", 1024)) if cfg.loss == "cross_entropy" else 0,
-        device_type=device.type, compile=cfg.compile,
+        device_type=device.type, compile=cfg.compile, attention=cfg.attention,
     )

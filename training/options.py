@@ -86,6 +86,10 @@ class RunOptions:
             GPU memory pressure instead of failing).
         activation_checkpointing: Recompute each block in backward: activation memory drops to one
             block input per layer, for ~30% more compute.
+        attention: ``sdpa`` (PyTorch's fused flash kernel; memory linear in sequence length) or
+            ``matmul`` (two matmuls and a softmax, fused by ``compile``: on CPU with sequences up to
+            ~512 tokens the faster one — 0.63 → 0.28 s of a 2.2 s SmolLM2 step in BENCHMARKS.md —
+            but it keeps every head's [s × s] probabilities for backward, so memory grows with s²).
         eval_every: Held-out evaluation every N steps (0: only before and after training).
         eval_batches: At most this many held-out micro-batches per evaluation (0: all).
         save_every: Checkpoint every N steps (0: only at the end).
@@ -112,6 +116,7 @@ class RunOptions:
     max_grad_norm: float = 1.0
     optimizer: str = "adamw"
     activation_checkpointing: bool = False
+    attention: str = "sdpa"
     eval_every: int = 0
     eval_batches: int = 0
     save_every: int = 0
