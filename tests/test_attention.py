@@ -34,13 +34,14 @@ def tiny_lora_llama(seed: int = 0) -> Llama:
 
 @pytest.mark.parametrize("kv_heads", [6, 2, 1], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("with_mask", [False, True], ids=["causal", "mask"])
-def test_matches_sdpa_values_and_gradients(kv_heads, with_mask):
+@pytest.mark.parametrize("s", [11, 131], ids=["short", "split"])  # ≥ 128: the causal half-split path
+def test_matches_sdpa_values_and_gradients(kv_heads, with_mask, s):
     torch.manual_seed(0)
-    b, h, s, hd = 2, 6, 11, 8
+    b, h, hd = 2, 6, 8
     q, k, v = torch.randn(b, h, s, hd), torch.randn(b, kv_heads, s, hd), torch.randn(b, kv_heads, s, hd)
     mask = None
-    if with_mask:  # two packed documents per row: causal within each, nothing across
-        doc = (torch.arange(s) >= 5).long()
+    if with_mask:  # two packed documents per row, the boundary before the split: causal within each
+        doc = (torch.arange(s) >= s // 2 - 3).long()
         mask = ((torch.arange(s)[None, :] <= torch.arange(s)[:, None]) & (doc[None, :] == doc[:, None]))
         mask = mask.expand(b, 1, s, s)
     grad_out = torch.randn(b, h, s, hd)
@@ -97,16 +98,34 @@ def test_lora_gradients_match_sdpa_under_compile():
         torch.testing.assert_close(got[name], ref[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_bf16_keeps_only_bf16_probabilities():
-    """The custom softmax backward saves the bf16 probabilities and nothing in fp32 of [s × s] size."""
+@pytest.mark.parametrize("s", [64, 128], ids=["whole", "split"])
+def test_bf16_keeps_only_bf16_probabilities(s):
+    """The custom softmax backward saves the bf16 probabilities and nothing in fp32 of score size;
+    from 128 positions on, the causal split saves only ¾ of the [s × s] matrix (the estimate's term)."""
     torch.manual_seed(0)
-    b, h, s, hd = 1, 4, 64, 8
+    b, h, hd = 1, 4, 8
     q, k, v = (torch.randn(b, h, s, hd, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         matmul_attention(q, k, v, None, scale=hd**-0.5)
-    big = [t for t in saved if t.numel() == b * h * s * s]
-    assert big and all(t.dtype == torch.bfloat16 for t in big), [(t.dtype, t.shape) for t in big]
+    # Score-sized tensors (q, k, v and outputs are far smaller), each storage once: softmax and
+    # the second matmul save views of the same probabilities.
+    scores = {t.data_ptr(): t for t in saved if t.is_floating_point() and t.numel() >= b * h * (s // 2) ** 2}
+    assert scores and all(t.dtype == torch.bfloat16 for t in scores.values()), [(t.dtype, t.shape) for t in saved]
+    expected = b * h * s * s if s < 128 else b * h * (s // 2) * (s // 2 + s)
+    assert sum(t.numel() for t in scores.values()) == expected
+
+
+def test_causal_split_is_exact():
+    """Splitting the queries at s/2 changes which kernels run, not a single output bit."""
+    from tunesmith.models.llama import _attend
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 160, 8), torch.randn(2, 2, 160, 8), torch.randn(2, 2, 160, 8)
+    doc = (torch.arange(160) >= 100).long()
+    mask = ((torch.arange(160)[None, :] <= torch.arange(160)[:, None]) & (doc[None, :] == doc[:, None]))
+    for m in (None, mask.expand(2, 1, 160, 160)):
+        assert torch.equal(matmul_attention(q, k, v, m, 0.3, softcap=5.0), _attend(q, k, v, m, 0.3, 5.0))
 
 
 def test_unknown_attention_is_a_config_error():

@@ -32,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from tunesmith.models.llama import matmul_attention_keys_per_query
+
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BYTES_PER_VALUE = 0.5 + 1 / 64  # 4-bit code + one int8 block scale (second-level factors negligible)
@@ -80,8 +82,9 @@ def activation_bytes_per_token_layer(
     (SwiGLU) + 2·q + 2·kv (SDPA's q, k, v, output) + h (SDPA's log-sum-exp, fp32) + r per adapter
     (+ I when ``down_proj`` is adapted: its input is otherwise not kept);
     in 16-bit runs RMSNorm's fp32 upcast keeps one more fp32 copy of the residual stream (4·d bytes).
-    ``attention="matmul"`` keeps q, k, v and every head's probabilities over the ``seq_len`` keys
-    in the run's dtype (h·s per token) instead of SDPA's q, k, v, output and log-sum-exp.
+    ``attention="matmul"`` keeps q, k, v and every head's probabilities in the run's dtype
+    (h·¾s per token from 128 positions on, where the causal split drops the masked quarter; h·s
+    below) instead of SDPA's q, k, v, output and log-sum-exp.
     """
     d, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
@@ -96,8 +99,9 @@ def activation_bytes_per_token_layer(
         upcast = 4 * d if dtype_bytes < 4 else 0
     if "down_proj" in targets:  # its adapter keeps its input, silu(gate)·up, which nothing else saves
         values += inter
-    if attention == "matmul":  # keeps q, k, v and the probabilities [h, s] per token; no output, no lse
-        return (values - q + cfg.num_heads * seq_len) * dtype_bytes + upcast
+    if attention == "matmul":  # keeps q, k, v and the probabilities [h, ~¾s] per token; no output, no lse
+        probs = cfg.num_heads * matmul_attention_keys_per_query(seq_len)
+        return (values - q + probs) * dtype_bytes + upcast
     return values * dtype_bytes + 4 * cfg.num_heads + upcast
 
 
