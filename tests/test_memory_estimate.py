@@ -52,7 +52,9 @@ def test_activation_term_matches_what_autograd_saves(dtype, checkpointing, atten
     model.train()
     model.activation_checkpointing = checkpointing
     model.set_attention(attention)
-    b, s = 2, 128
+    # matmul attention: long enough that its probabilities (¾·h·s per token, the causal split) are a
+    # large share, so counting the full h·s would miss the 5% tolerance.
+    b, s = 2, 512 if attention == "matmul" else 128
     measured = saved_activation_bytes(model, torch.randint(0, SHAPE.vocab_size, (b, s)))
     est = estimate(SHAPE, dtype=dtype, batch_size=b, seq_len=s, rank=8, targets=TARGETS,
                    activation_checkpointing=checkpointing, device_type="cuda", attention=attention)
