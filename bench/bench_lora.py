@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -70,12 +71,12 @@ def demo_examples(seq: int) -> list[dict[str, list[int]]]:
 # The sides. Each returns a function running one training step on a batch.
 # ------------------------------------------------------------------------------------------------
 def tunesmith_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool, chunk_size: int = 256,
-                   attention: str = "sdpa"):
+                   attention: str = "sdpa", keep_freed_memory: bool = True):
     from tunesmith.models import apply_lora, builders
     from tunesmith.models.hf_checkpoint import build_empty
     from tunesmith.models.llama import Llama
     from tunesmith.training.losses import IGNORE_INDEX, CrossEntropyLoss
-    from tunesmith.training.setup import build_optimizer, compile_model_and_loss
+    from tunesmith.training.setup import build_optimizer, compile_model_and_loss, keep_freed_host_memory
 
     model = build_empty(Llama, builders.BUILDERS[shape](), dtype, device)  # no fp32 detour
     with torch.no_grad():  # HF's init: matrices N(0, 0.02), norm weights 1 (tiny norms → slow denormals)
@@ -83,6 +84,8 @@ def tunesmith_side(shape: str, dtype: torch.dtype, device: torch.device, compile
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
     apply_lora(model, TARGETS, rank=RANK, alpha=ALPHA)
     model.set_attention(attention)
+    if keep_freed_memory:
+        keep_freed_host_memory(device)  # as the recipes do
     model.train()
     loss_fn = CrossEntropyLoss(chunk_size=chunk_size)
     if compile:
@@ -170,7 +173,13 @@ def torchtune_side(shape: str, dtype: torch.dtype, device: torch.device, compile
     return step
 
 
-SIDES = {"tunesmith": tunesmith_side, "hf_peft": hf_side, "torchtune": torchtune_side}
+SIDES = {
+    "tunesmith": tunesmith_side,
+    "hf_peft": hf_side,
+    "torchtune": torchtune_side,
+    # tunesmith with glibc's malloc left as it is: measures `keep_freed_host_memory` (BENCHMARKS.md)
+    "tunesmith_default_malloc": partial(tunesmith_side, keep_freed_memory=False),
+}
 
 
 def side_batches(args: argparse.Namespace, side: str, vocab: int) -> list[dict[str, torch.Tensor]]:
@@ -221,7 +230,7 @@ def run_side(args: argparse.Namespace) -> dict[str, float]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux → GiB
     seconds = time.perf_counter() - start
     result = {"tokens_per_s": tokens / seconds, "peak_gib": peak, "first_loss": losses[0], "last_loss": losses[-1]}
-    if args.side == "tunesmith":  # what `--dry-run` would have predicted for this run
+    if args.side.startswith("tunesmith"):  # what `--dry-run` would have predicted for this run
         from tunesmith.training.memory import GIB, estimate
 
         seq = max(b["tokens"].shape[1] for b in batches)
@@ -230,6 +239,34 @@ def run_side(args: argparse.Namespace) -> dict[str, float]:
                        attention=attention)
         result["estimate_gib"] = est.total / GIB
     return result
+
+
+def machine() -> str:
+    """What the numbers depend on: the CPU (or GPU) and how fast it multiplies bf16 matrices.
+
+    Ratios between the sides move with the machine: LoRA on a frozen base is mostly matmuls, and
+    a faster GEMM shrinks tunesmith's step more than HF's (see BENCHMARKS.md), so every log says
+    which machine it came from and its GEMM rate on the shape of SmolLM2's MLP.
+    """
+    if torch.cuda.is_available():
+        return f"gpu={torch.cuda.get_device_name()}"
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    a, b = torch.randn(1024, 576, dtype=torch.bfloat16), torch.randn(576, 1536, dtype=torch.bfloat16)
+    best = float("inf")
+    for _ in range(5):  # best of 5 bursts of 20: a momentary hiccup of a shared machine is not its rate
+        start = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / 20)
+    gflops = 2 * 1024 * 576 * 1536 / best / 1e9
+    return (f"cpu={info.get('model name', '?')} (family {info.get('cpu family', '?')} model {info.get('model', '?')}) "
+            f"cores={os.cpu_count()} bf16 GEMM [1024x576]@[576x1536]: {gflops:.0f} GFLOP/s")
 
 
 def main() -> None:
@@ -262,6 +299,7 @@ def main() -> None:
     env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(f"shape={args.shape} batch={args.batch} seq={args.seq} data={args.data} device={args.device} "
           f"steps={args.steps} (+{args.warmup} warmup) load={os.getloadavg()[0]:.2f} threads={torch.get_num_threads()}")
+    print(machine(), flush=True)
     for dtype in args.dtypes.split(","):
         # Sides take turns, round after round, so a change in the machine's load between rounds
         # hits every side alike; each side is summarised by its median round.

@@ -46,7 +46,8 @@ from tunesmith.training.preference import (
 from tunesmith.training.preference_losses import build_preference_loss
 from tunesmith.training.schedules import warmup_cosine
 from tunesmith.training.setup import (
-    build_optimizer, load_model_and_tokenizer, select_device, select_dtype, set_attention, to_device,
+    build_optimizer, keep_freed_host_memory, load_model_and_tokenizer, select_device, select_dtype, set_attention,
+    to_device,
 )
 
 
@@ -97,6 +98,7 @@ def main(cfg: Config) -> dict[str, Any]:
         apply_lora(model, cfg.lora.targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
     model.activation_checkpointing = cfg.activation_checkpointing
     set_attention(model, cfg.attention)
+    keep_freed_host_memory(device)  # CPU: a step's large buffers stay mapped for the next step (after loading)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
 
     batches, val_batches, train_set, val_set = preference_batches(cfg.data, tokenizer, cfg.batch_size, cfg.seed)

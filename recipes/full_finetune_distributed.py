@@ -36,7 +36,9 @@ from tunesmith.training.losses import IGNORE_INDEX, CrossEntropyLoss
 from tunesmith.training.metrics import MetricLogger, peak_memory_gib
 from tunesmith.training.options import DataOptions, RunOptions
 from tunesmith.training.schedules import warmup_cosine
-from tunesmith.training.setup import build_optimizer, select_dtype, set_attention, sft_batches, to_device
+from tunesmith.training.setup import (
+    build_optimizer, keep_freed_host_memory, select_dtype, set_attention, sft_batches, to_device,
+)
 
 
 @dataclass
@@ -108,6 +110,7 @@ def main(cfg: Config) -> dict[str, Any]:
     model, tokenizer = base.model, base.tokenizer
     model.activation_checkpointing = cfg.activation_checkpointing
     set_attention(model, cfg.attention)
+    keep_freed_host_memory(env.device)  # CPU: a step's large buffers stay mapped for the next step (after loading)
     params = list(model.parameters())  # every parameter trains (this rank's shards of them)
 
     batches, val_batches, val_set = sft_batches(cfg.data, tokenizer, cfg.batch_size, cfg.seed)

@@ -35,6 +35,7 @@ from tunesmith.training.setup import (
     activation_offloading,
     build_optimizer,
     compile_model_and_loss,
+    keep_freed_host_memory,
     load_model_and_tokenizer,
     select_device,
     select_dtype,
@@ -111,6 +112,7 @@ def main(cfg: Config) -> dict[str, Any]:
                quantize_base=cfg.quantize_base)
     model.activation_checkpointing = cfg.activation_checkpointing
     set_attention(model, cfg.attention)
+    keep_freed_host_memory(device)  # CPU: a step's large buffers stay mapped for the next step (after loading)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # the adapters
 
     batches, val_batches, val_set = sft_batches(cfg.data, tokenizer, cfg.batch_size, cfg.seed)
