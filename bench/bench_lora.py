@@ -76,7 +76,8 @@ def tunesmith_side(shape: str, dtype: torch.dtype, device: torch.device, compile
     from tunesmith.models.hf_checkpoint import build_empty
     from tunesmith.models.llama import Llama
     from tunesmith.training.losses import IGNORE_INDEX, CrossEntropyLoss
-    from tunesmith.training.setup import build_optimizer, compile_model_and_loss, keep_freed_host_memory
+    from tunesmith.models.host_memory import keep_freed_host_memory
+    from tunesmith.training.setup import build_optimizer, compile_model_and_loss
 
     model = build_empty(Llama, builders.BUILDERS[shape](), dtype, device)  # no fp32 detour
     with torch.no_grad():  # HF's init: matrices N(0, 0.02), norm weights 1 (tiny norms → slow denormals)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from tunesmith.models import gemma_hf, llama_hf, nf4
 from tunesmith.models.gemma import Gemma
+from tunesmith.models.host_memory import return_freed_host_memory
 from tunesmith.models.llama import Llama
 
 # model_type in config.json → (conversion module, model class). One line per model_type.
@@ -221,23 +222,6 @@ def iter_checkpoint(files: dict[str, Path]) -> Iterator[tuple[str, Path, Tensor]
                 yield name, path, f.get_tensor(name)
 
 
-def _return_freed_host_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``); a no-op elsewhere.
-
-    Quantizing one weight allocates a transient [values × 16] distance table (~30× the bf16
-    weight). glibc keeps such freed blocks in the process heap, so without this the resident size
-    ratchets up tensor by tensor and a quantize-while-loading run peaks *above* a dense load.
-    """
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
-            pass
-
-
 def load_state_into(
     model: nn.Module,
     tensors: Iterator[tuple[str, Path, Tensor]],
@@ -286,7 +270,7 @@ def load_state_into(
                 dense = tensor.to(device=device, dtype=param.dtype)
                 setattr(model.get_submodule(owner), attr, nn.Parameter(nf4.to_nf4(dense, ours), requires_grad=False))
                 del dense
-                _return_freed_host_memory()
+                return_freed_host_memory()
             else:
                 param.copy_(tensor)
             loaded.add(ours)

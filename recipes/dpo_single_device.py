@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from tunesmith.models import apply_lora
+from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
 from tunesmith.training.config import to_yaml
 from tunesmith.training.evaluation import sample_answer
@@ -46,8 +47,7 @@ from tunesmith.training.preference import (
 from tunesmith.training.preference_losses import build_preference_loss
 from tunesmith.training.schedules import warmup_cosine
 from tunesmith.training.setup import (
-    build_optimizer, keep_freed_host_memory, load_model_and_tokenizer, select_device, select_dtype, set_attention,
-    to_device,
+    build_optimizer, load_model_and_tokenizer, select_device, select_dtype, set_attention, to_device,
 )
 
 

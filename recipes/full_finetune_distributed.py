@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.training import distributed as dist_utils
 from tunesmith.training.checkpointing import remove_stale_temp_dirs
 from tunesmith.training.config import ConfigError, import_object, to_yaml
@@ -36,9 +37,7 @@ from tunesmith.training.losses import IGNORE_INDEX, CrossEntropyLoss
 from tunesmith.training.metrics import MetricLogger, peak_memory_gib
 from tunesmith.training.options import DataOptions, RunOptions
 from tunesmith.training.schedules import warmup_cosine
-from tunesmith.training.setup import (
-    build_optimizer, keep_freed_host_memory, select_dtype, set_attention, sft_batches, to_device,
-)
+from tunesmith.training.setup import build_optimizer, select_dtype, set_attention, sft_batches, to_device
 
 
 @dataclass

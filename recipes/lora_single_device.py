@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from tunesmith.models import apply_lora
+from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
 from tunesmith.training.config import import_object, to_yaml
 from tunesmith.training.evaluation import evaluate_loss, held_out_report
@@ -35,7 +36,6 @@ from tunesmith.training.setup import (
     activation_offloading,
     build_optimizer,
     compile_model_and_loss,
-    keep_freed_host_memory,
     load_model_and_tokenizer,
     select_device,
     select_dtype,

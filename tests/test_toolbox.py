@@ -27,6 +27,7 @@ import torch
 
 from tunesmith.data import pack_items, packed_collate, pad_collate
 from tunesmith.models import apply_lora
+from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.recipes import lora_single_device as recipe
 from tunesmith.training.config import ConfigError, build_config
 from tunesmith.training.losses import CrossEntropyLoss
@@ -34,7 +35,6 @@ from tunesmith.training.options import DataOptions
 from tunesmith.training.setup import (
     activation_offloading,
     build_optimizer,
-    keep_freed_host_memory,
     load_model_and_tokenizer,
     load_sft_data,
 )
@@ -162,7 +162,7 @@ def test_activation_offloading_gives_the_same_loss_on_cuda(tiny_llama_dir):
 
 _REALLOCATE = """
 import ctypes, resource, statistics, sys, torch
-from tunesmith.training.setup import keep_freed_host_memory
+from tunesmith.models.host_memory import keep_freed_host_memory
 # Start from glibc's initial thresholds, pinned (its adaptive ones make the default run vary):
 # blocks over 128 KiB are mmapped and unmapped on free; the heap is trimmed above 128 KiB free.
 mallopt = ctypes.CDLL("libc.so.6").mallopt

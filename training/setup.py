@@ -41,52 +41,6 @@ def select_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD_MAX = 32 * 2**20  # the largest value glibc accepts on 64-bit
-
-
-def keep_freed_host_memory(device: torch.device) -> bool:
-    """On CPU, keep freed memory in the process for the next step instead of returning it to the OS.
-
-    PyTorch's CPU allocator is plain ``malloc``. A training step frees and re-allocates the same
-    large buffers (a chunk's [c × v] logits and their gradient, the MLP activations) every step, and
-    glibc hands most of them back to the OS in between (``mmap``/``munmap`` for blocks over its
-    threshold, heap trimming for the rest), so every step page-faults its buffers in again: +4%
-    tokens/s without that on a SmolLM2 bf16 step on 2 cores (BENCHMARKS.md). This serves blocks up
-    to 32 MiB from the heap and stops trimming it, the CPU counterpart of the CUDA caching
-    allocator. The trade-off: the process stays at its peak resident size after a step (it reaches
-    that peak anyway), and blocks kept in the heap can fragment it a little: peak RSS was unchanged
-    in the bf16 benchmark and 1.4% higher (2.48 → 2.52 GiB) in 20 steps of the fp32 demo config.
-
-    Does nothing off Linux/glibc, on CUDA, or when the user set glibc's own ``MALLOC_TRIM_THRESHOLD_``
-    or ``MALLOC_MMAP_THRESHOLD_`` environment variables (theirs win).
-
-    Args:
-        device: The training device; only ``cpu`` is affected.
-
-    Returns:
-        True when the setting was applied.
-    """
-    import ctypes
-    import os
-    import sys
-
-    if device.type != "cpu" or not sys.platform.startswith("linux"):
-        return False
-    if "MALLOC_TRIM_THRESHOLD_" in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # Setting either one also turns off glibc's own adaptive thresholds, so both are set.
-    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
-    return ok and mallopt(_M_TRIM_THRESHOLD, 2**30) == 1
-
-
 def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' 8-bit / paged 8-bit AdamW (optimizer state in 8 bits: ~4x less memory).
 
