@@ -43,10 +43,13 @@ class Phi3Config(LlamaConfig):
         rope_scaling: ``None`` or LongRoPE: ``{"rope_type": "longrope", "short_factor": [...],
             "long_factor": [...], "original_max_position_embeddings": 4096}`` with ``rotary_dim / 2``
             factors each, optionally ``"attention_factor"`` (else derived from ``max_seq_len``).
+        pad_token_id: Padding id, when known; carried only so a saved ``config.json`` keeps it
+            (transformers' Phi-3 defaults it to 32000, not a token of every Phi vocabulary).
     """
 
     partial_rotary_factor: float = 1.0
     sliding_window: int | None = None
+    pad_token_id: int | None = None
     family: str = field(default="phi3")
 
     def __post_init__(self) -> None:

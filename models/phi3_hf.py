@@ -91,7 +91,8 @@ def config_from_hf(d: dict[str, Any]) -> Phi3Config:
         scaling = {k: v for k, v in fields["rope_scaling"].items() if k != "partial_rotary_factor"}
         scaling.setdefault("original_max_position_embeddings", d.get("original_max_position_embeddings", 4096))
         fields["rope_scaling"] = scaling
-    return Phi3Config(**fields, partial_rotary_factor=float(partial), sliding_window=d.get("sliding_window"))
+    return Phi3Config(**fields, partial_rotary_factor=float(partial), sliding_window=d.get("sliding_window"),
+                      pad_token_id=d.get("pad_token_id"))
 
 
 def config_to_hf(cfg: Phi3Config) -> dict[str, Any]:
@@ -102,7 +103,7 @@ def config_to_hf(cfg: Phi3Config) -> dict[str, Any]:
     out = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", **llama_config_json(cfg),
            "rope_scaling": scaling, "partial_rotary_factor": cfg.partial_rotary_factor,
            "original_max_position_embeddings": original, "sliding_window": cfg.sliding_window,
-           "resid_pdrop": 0.0, "embd_pdrop": 0.0}
+           "pad_token_id": cfg.pad_token_id, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
     return out
 
 
@@ -132,7 +133,8 @@ def config_from_gguf(meta: dict[str, Any]) -> Phi3Config:
             scaling["attention_factor"] = attention_factor
     fields.update(head_dim=head_dim, rope_scaling=scaling)
     window = gguf_get(meta, "attention.sliding_window", 0) or None
-    return Phi3Config(**fields, partial_rotary_factor=rotary / head_dim, sliding_window=window)
+    return Phi3Config(**fields, partial_rotary_factor=rotary / head_dim, sliding_window=window,
+                      pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
 
 
 def fix_gguf_tensor(our_name: str, w: Tensor, cfg: Phi3Config) -> Tensor:
