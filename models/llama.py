@@ -149,6 +149,23 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+# HF's ``layer_types`` values: a layer attends within a sliding window, or to every earlier position.
+SLIDING = "sliding_attention"
+GLOBAL = "full_attention"
+
+
+def check_layer_types(layer_types: list[str], num_layers: int, sliding_window: int | None) -> None:
+    """Raise ``ValueError`` unless ``layer_types`` names each layer SLIDING or GLOBAL, with a window
+    set when any layer slides (the families with local layers: Gemma 2/3, Qwen)."""
+    if len(layer_types) != num_layers:
+        raise ValueError(f"layer_types has {len(layer_types)} entries for {num_layers} layers")
+    bad = set(layer_types) - {SLIDING, GLOBAL}
+    if bad:
+        raise ValueError(f"unknown layer_types {sorted(bad)}; use {SLIDING!r} or {GLOBAL!r}")
+    if SLIDING in layer_types and not sliding_window:
+        raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+
+
 def attention_mask(
     q_pos: Tensor,
     kv_pos: Tensor,

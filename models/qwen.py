@@ -22,11 +22,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from tunesmith.models.llama import Attention, Block, Llama, LlamaConfig, RMSNorm
-
-# HF's ``layer_types`` values.
-SLIDING = "sliding_attention"
-FULL = "full_attention"
+from tunesmith.models.llama import GLOBAL, SLIDING, Attention, Block, Llama, LlamaConfig, RMSNorm, check_layer_types
 
 
 @dataclass(kw_only=True)
@@ -50,14 +46,8 @@ class QwenConfig(LlamaConfig):
         if self.version not in (2, 3):
             raise ValueError(f"QwenConfig.version must be 2 or 3, got {self.version!r}")
         if self.layer_types is None:
-            self.layer_types = [FULL] * self.num_layers
-        if len(self.layer_types) != self.num_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
-        bad = set(self.layer_types) - {SLIDING, FULL}
-        if bad:
-            raise ValueError(f"unknown layer_types {sorted(bad)}; use {SLIDING!r} or {FULL!r}")
-        if SLIDING in self.layer_types and not self.sliding_window:
-            raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+            self.layer_types = [GLOBAL] * self.num_layers
+        check_layer_types(self.layer_types, self.num_layers, self.sliding_window)
 
 
 class QwenAttention(Attention):

@@ -16,11 +16,12 @@ from typing import Any
 
 from torch import Tensor
 
+from tunesmith.models.llama import GLOBAL, SLIDING
 from tunesmith.models.llama_hf import (
     GGUF_PER_LAYER, HF_PER_LAYER, check_supported, gguf_fields, gguf_names, hf_names, llama_config_json,
     llama_fields,
 )
-from tunesmith.models.qwen import FULL, SLIDING, QwenConfig
+from tunesmith.models.qwen import QwenConfig
 
 HF_MODEL_TYPES = {2: "qwen2", 3: "qwen3"}
 HF_ARCHITECTURES = {2: "Qwen2ForCausalLM", 3: "Qwen3ForCausalLM"}
@@ -72,11 +73,11 @@ def _sliding_from_hf(d: dict[str, Any]) -> tuple[int | None, list[str]]:
     num_layers = d["num_hidden_layers"]
     window = d.get("sliding_window") if d.get("use_sliding_window", False) else None
     if window is None:
-        return None, [FULL] * num_layers
+        return None, [GLOBAL] * num_layers
     if d.get("layer_types") is not None:
         return window, list(d["layer_types"])
     first_local = d.get("max_window_layers", 28)
-    return window, [SLIDING if i >= first_local else FULL for i in range(num_layers)]
+    return window, [SLIDING if i >= first_local else GLOBAL for i in range(num_layers)]
 
 
 def config_from_hf(d: dict[str, Any]) -> QwenConfig:

@@ -61,3 +61,27 @@ def make_hf(case: str, seed: int = 0):
 
 def tokens(seq: int = SEQ, batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_cached_decoding_matches_full_forward(model, seq: torch.Tensor, prefill: int) -> None:
+    """Prefill ``prefill`` tokens, then decode the rest of ``seq`` [b, s] one at a time through the KV
+    cache: the logits must be the full forward's."""
+    with torch.no_grad():
+        full = model(seq)
+        model.setup_kv_cache(batch=seq.shape[0], max_len=seq.shape[1] + 1)
+        steps = [model(seq[:, :prefill])] + [model(seq[:, t : t + 1]) for t in range(prefill, seq.shape[1])]
+        model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def assert_packing_matches_separate_runs(model, documents: list[torch.Tensor]) -> None:
+    """The documents packed into one row (positions restarting, attention per document) give each
+    document's own logits."""
+    packed = torch.cat(documents)[None]
+    positions = torch.cat([torch.arange(len(d)) for d in documents])[None]
+    doc_ids = torch.cat([torch.full((len(d),), k) for k, d in enumerate(documents)])[None]
+    with torch.no_grad():
+        out = model(packed, positions=positions, document_ids=doc_ids)[0]
+        for k, d in enumerate(documents):
+            start = sum(len(x) for x in documents[:k])
+            torch.testing.assert_close(out[start : start + len(d)], model(d[None])[0], atol=1e-5, rtol=1e-5)

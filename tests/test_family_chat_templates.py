@@ -9,6 +9,8 @@ each assistant answer and the token closing its turn, nothing of the prompts.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from tunesmith.data import chat_templates, load_tokenizer
@@ -111,14 +113,8 @@ def test_mistral_inst_format(tmp_path):
 
 
 def mask_runs(ids: list[int], mask: list[bool]) -> list[list[int]]:
-    runs, current = [], []
-    for i, keep in zip(ids, mask):
-        if keep:
-            current.append(i)
-        elif current:
-            runs.append(current)
-            current = []
-    return runs + ([current] if current else [])
+    """The masked ids, one list per contiguous run."""
+    return [[i for i, _ in run] for keep, run in itertools.groupby(zip(ids, mask), key=lambda pair: pair[1]) if keep]
 
 
 @pytest.mark.parametrize("kind,stop", [("qwen2_5", "<|im_end|>"), ("qwen3", "<|im_end|>"), ("mistral", "</s>"),

@@ -18,14 +18,17 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from family_helpers import CASES, SEQ, make_hf, tokens  # noqa: E402
+from family_helpers import (  # noqa: E402
+    CASES, SEQ, assert_cached_decoding_matches_full_forward, assert_packing_matches_separate_runs, make_hf, tokens,
+)
+from test_peft_adapter import lora_model  # noqa: E402
 from tunesmith.models import (  # noqa: E402
     CheckpointFormatError, apply_lora, builders, load_peft_adapter, load_pretrained, save_hf_checkpoint,
     save_peft_adapter,
 )
 from tunesmith.models import mistral_hf, phi3_hf, qwen_hf  # noqa: E402
 from tunesmith.models.hf_checkpoint import HF_FAMILIES  # noqa: E402
-from tunesmith.models.lora import LoRALinear, lora_state_dict  # noqa: E402
+from tunesmith.models.lora import lora_state_dict  # noqa: E402
 from tunesmith.models.mistral import Mistral  # noqa: E402
 from tunesmith.models.phi3 import Phi3  # noqa: E402
 from tunesmith.models.qwen import Qwen  # noqa: E402
@@ -115,24 +118,13 @@ def family_targets(model) -> list[str]:
     return sorted(leaves)
 
 
-def lora_model(path, targets, seed=7):
-    model = load_pretrained(str(path))
-    apply_lora(model, targets, rank=4, alpha=8.0)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoRALinear):
-                m.lora_b.weight.normal_(0, 0.1)  # nonzero B: the adapter changes the output
-    return model.eval()
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_merged_checkpoint_reloads_in_transformers(case, saved, tmp_path):
     hf, single, _ = saved(case)
-    model = lora_model(single, family_targets(load_pretrained(str(single))))
+    model = lora_model(single, family_targets(load_pretrained(str(single))), alpha=8.0)  # nonzero B
     with torch.no_grad():
         ours = model(TOKENS)
-    assert max_diff(ours, hf(TOKENS).logits) > 1e-2  # the adapter matters
+    assert max_diff(ours, hf(TOKENS).logits) > 1e-3  # the adapter matters
     save_hf_checkpoint(model, tmp_path / "merged", max_shard_bytes=50_000)
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert config["model_type"] == hf.config.model_type
@@ -148,7 +140,7 @@ def test_merged_checkpoint_reloads_in_transformers(case, saved, tmp_path):
 def test_peft_adapter_loads_in_peft(case, saved, tmp_path):
     hf, single, _ = saved(case)
     targets = [t for t in family_targets(load_pretrained(str(single))) if t != "output"]
-    model = lora_model(single, targets)
+    model = lora_model(single, targets, alpha=8.0)
     save_peft_adapter(model, tmp_path / "adapter", base_model=str(single), rank=4, alpha=8.0, dropout=0.0,
                       targets=targets)
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -174,26 +166,14 @@ def test_phi3_default_lora_targets_are_refused_with_its_own_names(saved):
 @pytest.mark.parametrize("case", ["qwen2_tied_sliding", "qwen3_qk_norm", "mistral_sliding", "phi3_partial_longrope"])
 def test_kv_cache_decoding_matches_full_forward(case, saved):
     model = load_pretrained(str(saved(case)[1]))
-    seq = TOKENS[:, :15]  # past the windows; LongRoPE stays on its short factors (≤ 16 positions)
-    with torch.no_grad():
-        full = model(seq)
-        model.setup_kv_cache(batch=2, max_len=16)
-        steps = [model(seq[:, :5])] + [model(seq[:, t : t + 1]) for t in range(5, 15)]
-        model.clear_kv_cache()
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    # past the windows; LongRoPE stays on its short factors (≤ 16 positions)
+    assert_cached_decoding_matches_full_forward(model, TOKENS[:, :15], prefill=5)
 
 
 @pytest.mark.parametrize("case", ["qwen2_tied_sliding", "mistral_sliding", "phi3_sliding"])
 def test_packed_documents_match_separate_runs(case, saved):
     model = load_pretrained(str(saved(case)[1]))
-    a, b = TOKENS[0, :12], TOKENS[1, :10]  # each longer than the windows
-    packed = torch.cat([a, b])[None]
-    positions = torch.cat([torch.arange(12), torch.arange(10)])[None]
-    docs = torch.cat([torch.zeros(12, dtype=torch.long), torch.ones(10, dtype=torch.long)])[None]
-    with torch.no_grad():
-        out = model(packed, positions=positions, document_ids=docs)[0]
-        torch.testing.assert_close(out[:12], model(a[None])[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(out[12:], model(b[None])[0], atol=1e-5, rtol=1e-5)
+    assert_packing_matches_separate_runs(model, [TOKENS[0, :12], TOKENS[1, :10]])  # each longer than the windows
 
 
 # -- configs and builders ----------------------------------------------------------------------------------

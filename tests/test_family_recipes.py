@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from conftest import make_tokenizer_dir  # noqa: E402
-from recipe_helpers import run_until_checkpoint, write_splits  # noqa: E402
+from recipe_helpers import base_adapter_and_merged_logits, run_until_checkpoint, write_splits  # noqa: E402
 from test_dpo_recipe import make_cfg as dpo_cfg, make_pairs  # noqa: E402
 from test_full_finetune_distributed import run_values as full_values  # noqa: E402
 from test_lora_recipe import make_cfg as lora_cfg  # noqa: E402
@@ -89,12 +89,7 @@ def test_lora_recipe_learns_resumes_and_saves_for_peft_and_transformers(family, 
     assert set(adapter_config["target_modules"]) == {"lm_head" if t == "output" else t for t in FAMILIES[family][3]}
     tokens = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(0))  # past the windows
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        base_logits = base(tokens).logits
-        with_adapter = peft.PeftModel.from_pretrained(base, ckpt / "adapter").eval()
-        peft_logits = with_adapter(tokens).logits
-        merged = transformers.AutoModelForCausalLM.from_pretrained(ckpt / "merged", dtype=torch.float32).eval()
-        merged_logits = merged(tokens).logits
+    base_logits, peft_logits, merged_logits = base_adapter_and_merged_logits(base, ckpt, tokens)
     assert (peft_logits - base_logits).abs().max() > 1e-3  # training changed the model
     assert (merged_logits - peft_logits).abs().max() <= 1e-4
 
