@@ -5,8 +5,8 @@ Each builder returns a ``LlamaConfig``; build the (randomly initialised) model w
 which reads the same numbers from the checkpoint's own config.json.
 
 ``BUILDERS`` and ``HUB_IDS`` also hold the families built on Llama (``qwen_builders``,
-``mistral_builders``, ``phi3_builders``: ``Qwen(qwen3_8b())``, ``Phi3(phi4_mini())``, …), so a config
-can name any of them as ``model: qwen3_8b``.
+``mistral_builders``, ``phi3_builders``: ``Qwen(qwen3_8b())``, ``Phi3(phi4_mini())``, …), so the
+memory estimate knows their shapes from a Hub id alone.
 """
 
 from __future__ import annotations

@@ -82,6 +82,7 @@ OUT_OF_SCOPE: dict[str, str] = {
     "qwen3_vl": "Qwen3-VL (vision-language)",
     "qwen3vl": "Qwen3-VL (vision-language)",
     "qwen3_vl_moe": "Qwen3-VL-MoE (vision-language, mixture of experts)",
+    "qwen3vlmoe": "Qwen3-VL-MoE (vision-language, mixture of experts)",
     "qwen2_audio": "Qwen2-Audio (audio-language)",
     "qwen2_5_omni": "Qwen2.5-Omni (multimodal)",
     "phimoe": "Phi-3.5-MoE (mixture of experts)",

@@ -143,7 +143,12 @@ class Phi3(Llama):
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos and sin [b, 1, s, rotary_dim]: LongRoPE's long factors once a position reaches the
-        pre-training context (picked on the device, without a host sync), scaled by its attention factor."""
+        pre-training context (picked on the device, without a host sync), scaled by its attention factor.
+
+        Decoding with a KV cache across that boundary keeps the earlier keys as they were rotated
+        (short factors); transformers recomputes its cache there instead. Training and prompts that
+        stay on one side of the boundary are unaffected.
+        """
         inv_freq = self.inv_freq
         if self.config.rope_scaling:
             original = self.config.rope_scaling["original_max_position_embeddings"]
