@@ -2,6 +2,10 @@
 
     model = load_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")   # Hub id, local dir or .gguf
     logits = model(tokens)                                            # [b, s] → [b, s, v]
+
+Families: ``Llama`` (Llama 2/3/3.1/3.2, SmolLM2), ``Gemma`` (1/2/3), and on Llama's pieces ``Qwen``
+(Qwen2/2.5/3 dense), ``Mistral`` and ``Phi3`` (Phi-3, Phi-4-mini); ``load_pretrained`` picks the
+class from the checkpoint. Builders (``qwen3_8b()``, ``phi4_mini()``, …) give real sizes' configs.
 """
 
 from __future__ import annotations
@@ -38,7 +42,25 @@ from tunesmith.models.hf_checkpoint import (
 )
 from tunesmith.models.llama import Llama, LlamaConfig
 from tunesmith.models.lora import LoRALinear, apply_lora
+from tunesmith.models.mistral import Mistral, MistralConfig
+from tunesmith.models.mistral_builders import mistral_7b, mistral_7b_v0_1
 from tunesmith.models.peft_adapter import load_peft_adapter, save_peft_adapter
+from tunesmith.models.phi3 import Phi3, Phi3Config
+from tunesmith.models.phi3_builders import phi3_mini_4k, phi4_mini
+from tunesmith.models.qwen import Qwen, QwenConfig
+from tunesmith.models.qwen_builders import (
+    qwen2_5_0_5b,
+    qwen2_5_3b,
+    qwen2_5_7b,
+    qwen2_5_14b,
+    qwen2_5_32b,
+    qwen3_0_6b,
+    qwen3_1_7b,
+    qwen3_4b,
+    qwen3_8b,
+    qwen3_14b,
+    qwen3_32b,
+)
 
 
 def load_pretrained(
@@ -59,7 +81,8 @@ def load_pretrained(
             (QLoRA): peak memory while loading stays near the 4-bit size.
 
     Returns:
-        The model (``Llama``, or another family's class) in eval mode.
+        The model (``Llama``, ``Gemma``, ``Qwen``, ``Mistral`` or ``Phi3``, as the checkpoint says) in
+        eval mode.
     """
     if not isinstance(source, (str, Path)) or str(source).endswith(".gguf"):  # a path or an open GGUFReader
         return load_gguf(source, dtype=dtype, device=device, nf4_targets=nf4_targets)
@@ -72,6 +95,12 @@ __all__ = [
     "Llama",
     "LlamaConfig",
     "LoRALinear",
+    "Mistral",
+    "MistralConfig",
+    "Phi3",
+    "Phi3Config",
+    "Qwen",
+    "QwenConfig",
     "apply_lora",
     "generate",
     "llama2_13b",
@@ -85,6 +114,21 @@ __all__ = [
     "load_hf_checkpoint",
     "load_peft_adapter",
     "load_pretrained",
+    "mistral_7b",
+    "mistral_7b_v0_1",
+    "phi3_mini_4k",
+    "phi4_mini",
+    "qwen2_5_0_5b",
+    "qwen2_5_14b",
+    "qwen2_5_32b",
+    "qwen2_5_3b",
+    "qwen2_5_7b",
+    "qwen3_0_6b",
+    "qwen3_14b",
+    "qwen3_1_7b",
+    "qwen3_32b",
+    "qwen3_4b",
+    "qwen3_8b",
     "resolve_model_dir",
     "save_hf_checkpoint",
     "save_peft_adapter",

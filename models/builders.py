@@ -3,12 +3,17 @@
 Each builder returns a ``LlamaConfig``; build the (randomly initialised) model with
 ``Llama(llama3_2_1b())``, or load real weights with ``load_pretrained(HUB_IDS["llama3_2_1b"])``,
 which reads the same numbers from the checkpoint's own config.json.
+
+``BUILDERS`` and ``HUB_IDS`` also hold the families built on Llama (``qwen_builders``,
+``mistral_builders``, ``phi3_builders``: ``Qwen(qwen3_8b())``, ``Phi3(phi4_mini())``, …), so the
+memory estimate knows their shapes from a Hub id alone.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from tunesmith.models import mistral_builders, phi3_builders, qwen_builders
 from tunesmith.models.llama import LlamaConfig
 
 # Hub repository of each size's base weights (the matching "-Instruct" repos share the shapes).
@@ -23,6 +28,9 @@ HUB_IDS: dict[str, str] = {
     "smollm2_135m": "HuggingFaceTB/SmolLM2-135M",
     "smollm2_360m": "HuggingFaceTB/SmolLM2-360M",
     "smollm2_1_7b": "HuggingFaceTB/SmolLM2-1.7B",
+    **qwen_builders.HUB_IDS,
+    **mistral_builders.HUB_IDS,
+    **phi3_builders.HUB_IDS,
 }
 
 
@@ -146,4 +154,7 @@ BUILDERS = {
     "smollm2_135m": smollm2_135m,
     "smollm2_360m": smollm2_360m,
     "smollm2_1_7b": smollm2_1_7b,
+    **qwen_builders.BUILDERS,
+    **mistral_builders.BUILDERS,
+    **phi3_builders.BUILDERS,
 }

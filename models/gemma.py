@@ -38,11 +38,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.models.llama import (
-    CausalLM, KVCache, apply_rope, attention_mask, matmul_attention, rope_cos_sin, rope_inv_freq, soft_cap,
+    GLOBAL, SLIDING, CausalLM, KVCache, apply_rope, attention_mask, check_layer_types, matmul_attention, rope_cos_sin,
+    rope_inv_freq, soft_cap,
 )
-
-SLIDING = "sliding_attention"
-GLOBAL = "full_attention"
 
 
 def default_layer_types(version: int, num_layers: int, sliding_window_pattern: int = 6) -> list[str]:
@@ -123,13 +121,7 @@ class GemmaConfig:
             self.query_pre_attn_scalar = self.head_dim
         if self.layer_types is None:
             self.layer_types = default_layer_types(self.version, self.num_layers)
-        if len(self.layer_types) != self.num_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
-        bad = set(self.layer_types) - {SLIDING, GLOBAL}
-        if bad:
-            raise ValueError(f"unknown layer_types {sorted(bad)}; use {SLIDING!r} or {GLOBAL!r}")
-        if SLIDING in self.layer_types and not self.sliding_window:
-            raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        check_layer_types(self.layer_types, self.num_layers, self.sliding_window)
 
 
 class GemmaRMSNorm(nn.Module):

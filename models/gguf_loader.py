@@ -7,7 +7,7 @@ The ``gguf`` package (llama.cpp's own Python reader) memory-maps the file and de
 block format (Q4_1, Q8_0, K-quants, …) to float32 numpy; we convert one tensor at a time. The
 family module (``HF_FAMILIES``' sibling ``GGUF_FAMILIES``, keyed by ``general.architecture``)
 provides ``config_from_gguf(meta)``, ``gguf_to_ours(cfg)`` and ``fix_gguf_tensor(name, w, cfg)``
-(for Llama: undo llama.cpp's Q/K row permutation).
+(for Llama: undo llama.cpp's Q/K row permutation; Qwen and Phi-3 files need none).
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tunesmith.models.hf_checkpoint import GGUF_FAMILIES, CheckpointFormatError, build_empty, load_state_into
+from tunesmith.models.hf_checkpoint import (
+    GGUF_FAMILIES, OUT_OF_SCOPE, CheckpointFormatError, build_empty, load_state_into, out_of_scope_message,
+)
 
 
 def read_metadata(reader: Any) -> dict[str, Any]:
@@ -51,22 +53,32 @@ def config_from_reader(reader: Any, path: str | Path) -> tuple[Any, type[nn.Modu
     """(family module, model class, config) of an open GGUF file, from its metadata.
 
     Two facts live outside the metadata: a tied head is a file without ``output.weight``, and
-    Llama 3.1/3.2 RoPE scaling is the ``rope_freqs.weight`` tensor (llama.cpp's per-frequency
-    divisors), handed to the family as ``meta["rope_freqs"]``.
+    RoPE scaling tables are tensors — Llama 3.1/3.2's ``rope_freqs.weight`` (llama.cpp's
+    per-frequency divisors), Phi-3's LongRoPE ``rope_factors_long/short.weight`` — handed to the
+    family as ``meta["rope_freqs"]``, ``meta["rope_factors_long"]``, …
 
     Raises:
-        CheckpointFormatError: unsupported architecture or metadata the family cannot use.
+        CheckpointFormatError: unsupported architecture (mixture-of-experts and multimodal ones by
+            name) or metadata the family cannot use.
     """
     meta = read_metadata(reader)
     arch = meta.get("general.architecture")
+    if arch in OUT_OF_SCOPE:
+        raise CheckpointFormatError(out_of_scope_message(str(path), "general.architecture", arch))
+    if meta.get(f"{arch}.expert_count"):  # Mixtral is llama.cpp's "llama" with experts
+        raise CheckpointFormatError(
+            f"{path}: {arch}.expert_count = {meta[f'{arch}.expert_count']}: a mixture-of-experts model "
+            "(e.g. Mixtral), which is out of scope: tunesmith fine-tunes dense text decoders"
+        )
     if arch not in GGUF_FAMILIES:
         raise CheckpointFormatError(
             f"{path}: general.architecture {arch!r} is not supported (supported: {sorted(GGUF_FAMILIES)})"
         )
     family, cls = GGUF_FAMILIES[arch]
     tensors = {t.name: t for t in reader.tensors}
-    if "rope_freqs.weight" in tensors:
-        meta["rope_freqs"] = dequantize_tensor(tensors["rope_freqs.weight"])
+    for name, t in tensors.items():
+        if name.startswith("rope_"):  # RoPE tables, not weights: rope_freqs, rope_factors_long/short
+            meta[name.removesuffix(".weight")] = dequantize_tensor(t)
     try:
         cfg = family.config_from_gguf(meta)
     except (KeyError, ValueError) as e:

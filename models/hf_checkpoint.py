@@ -13,7 +13,8 @@ Nothing here knows what a Llama is: each family supplies a small conversion modu
   (``None`` means "present in some files, not loaded");
 
 and a model class built as ``cls(config)``. ``HF_FAMILIES`` maps ``config.json``'s ``model_type``
-to that pair; adding a family is one line per ``model_type``. A model class may define
+to that pair; adding a family is one line per ``model_type``. Mixture-of-experts and multimodal
+checkpoints (``OUT_OF_SCOPE``) are refused by name. A model class may define
 ``reset_buffers()`` (recompute non-persistent buffers such as RoPE tables); it is then built on
 the meta device, so loading neither random-initialises the weights nor holds a second copy.
 
@@ -36,26 +37,72 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from tunesmith.models import gemma_hf, llama_hf, nf4
+from tunesmith.models import gemma_hf, llama_hf, mistral_hf, nf4, phi3_hf, qwen_hf
 from tunesmith.models.gemma import Gemma
 from tunesmith.models.host_memory import return_freed_host_memory
 from tunesmith.models.llama import Llama
+from tunesmith.models.mistral import Mistral
+from tunesmith.models.phi3 import Phi3
+from tunesmith.models.qwen import Qwen
 
 # model_type in config.json → (conversion module, model class). One line per model_type.
+# Llama's subclasses come before Llama: a model is saved by the first class it is an instance of.
 HF_FAMILIES: dict[str, tuple[ModuleType, type[nn.Module]]] = {
+    "qwen2": (qwen_hf, Qwen),  # Qwen2 and Qwen2.5
+    "qwen3": (qwen_hf, Qwen),
+    "mistral": (mistral_hf, Mistral),
+    "phi3": (phi3_hf, Phi3),  # Phi-3, Phi-3.5-mini, Phi-4-mini
     "llama": (llama_hf, Llama),
     "gemma": (gemma_hf, Gemma),
     "gemma2": (gemma_hf, Gemma),
     "gemma3_text": (gemma_hf, Gemma),
 }
 # general.architecture in a GGUF file → (conversion module, model class); see gguf_loader.py for
-# what the module provides there.
+# what the module provides there. llama.cpp writes Mistral as "llama".
 GGUF_FAMILIES: dict[str, tuple[ModuleType, type[nn.Module]]] = {
+    "qwen2": (qwen_hf, Qwen),
+    "qwen3": (qwen_hf, Qwen),
+    "phi3": (phi3_hf, Phi3),
     "llama": (llama_hf, Llama),
     "gemma": (gemma_hf, Gemma),
     "gemma2": (gemma_hf, Gemma),
     "gemma3": (gemma_hf, Gemma),
 }
+# Checkpoints of these families' mixture-of-experts and multimodal relatives, refused by name (HF
+# model_type or GGUF general.architecture → what it is). Dense text decoders only, for now.
+OUT_OF_SCOPE: dict[str, str] = {
+    "qwen2_moe": "Qwen1.5-MoE / Qwen2-MoE (mixture of experts)",
+    "qwen2moe": "Qwen1.5-MoE / Qwen2-MoE (mixture of experts)",
+    "qwen3_moe": "Qwen3-MoE (mixture of experts)",
+    "qwen3moe": "Qwen3-MoE (mixture of experts)",
+    "qwen3_next": "Qwen3-Next (hybrid attention, mixture of experts)",
+    "qwen2_vl": "Qwen2-VL (vision-language)",
+    "qwen2vl": "Qwen2-VL (vision-language)",
+    "qwen2_5_vl": "Qwen2.5-VL (vision-language)",
+    "qwen3_vl": "Qwen3-VL (vision-language)",
+    "qwen3vl": "Qwen3-VL (vision-language)",
+    "qwen3_vl_moe": "Qwen3-VL-MoE (vision-language, mixture of experts)",
+    "qwen3vlmoe": "Qwen3-VL-MoE (vision-language, mixture of experts)",
+    "qwen2_audio": "Qwen2-Audio (audio-language)",
+    "qwen2_5_omni": "Qwen2.5-Omni (multimodal)",
+    "phimoe": "Phi-3.5-MoE (mixture of experts)",
+    "phi3_v": "Phi-3 / Phi-3.5-vision (vision-language)",
+    "phi4mm": "Phi-4-multimodal",
+    "phi4_multimodal": "Phi-4-multimodal",
+    "mixtral": "Mixtral (mixture of experts)",
+    "mistral3": "Mistral Small 3.1+ / Mistral 3 (vision-language)",
+    "pixtral": "Pixtral (vision-language)",
+    "llava": "LLaVA (vision-language)",
+}
+
+
+def out_of_scope_message(where: str, key: str, name: str) -> str:
+    """The refusal for a checkpoint whose ``key`` (model_type, general.architecture) is ``name``."""
+    return (
+        f"{where}: {key} {name!r} is {OUT_OF_SCOPE[name]}, which is out of scope: tunesmith fine-tunes dense "
+        "text decoders (Llama, Gemma, Qwen2/2.5/3, Mistral, Phi-3/Phi-4-mini), not mixture-of-experts or "
+        "multimodal checkpoints"
+    )
 
 # Files a model directory needs (weights, config, tokenizer) — what a Hub download fetches.
 HUB_ALLOW_PATTERNS = [
@@ -155,6 +202,8 @@ def read_config(model_dir: Path) -> tuple[dict[str, Any], ModuleType, type[nn.Mo
         raise CheckpointFormatError(f"{model_dir}: no config.json (is this a Hugging Face model directory?)")
     d = json.loads(path.read_text())
     model_type = d.get("model_type")
+    if model_type in OUT_OF_SCOPE:
+        raise CheckpointFormatError(out_of_scope_message(str(path), "model_type", model_type))
     if model_type not in HF_FAMILIES:
         raise CheckpointFormatError(
             f"{path}: model_type {model_type!r} is not supported (supported: {sorted(HF_FAMILIES)})"
@@ -315,11 +364,16 @@ def load_hf_checkpoint(
 # Saving
 # ------------------------------------------------------------------------------------------------
 def family_of(model: nn.Module) -> ModuleType:
-    """The conversion module for ``model``'s class (from ``HF_FAMILIES``)."""
-    for family, cls in HF_FAMILIES.values():
-        if isinstance(model, cls):  # isinstance: FSDP2 wraps the class in a subclass (FSDPLlama)
-            return family
-    raise TypeError(f"no Hugging Face conversion for {type(model).__name__}; known: {sorted(HF_FAMILIES)}")
+    """The conversion module for ``model``'s class (from ``HF_FAMILIES``).
+
+    The most specific class wins: ``Qwen`` is also a ``Llama``, and FSDP2 wraps the class in a
+    subclass of its own (``FSDPQwen``), hence ``isinstance`` and the MRO order.
+    """
+    mro = type(model).__mro__
+    matches = [(mro.index(cls), family) for family, cls in HF_FAMILIES.values() if isinstance(model, cls)]
+    if not matches:
+        raise TypeError(f"no Hugging Face conversion for {type(model).__name__}; known: {sorted(HF_FAMILIES)}")
+    return min(matches, key=lambda m: m[0])[1]
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:

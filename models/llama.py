@@ -14,7 +14,10 @@ hd = head dim, v = vocabulary.
 
 The smaller pieces (``RMSNorm``, ``rope_inv_freq``, ``apply_rope``, ``KVCache``, ``attention_mask``,
 ``matmul_attention``) are public so the other families (Gemma) reuse them and show only what they
-change.
+change. The families that are a small delta on Llama (Qwen, Mistral, Phi-3) subclass the classes
+below and override one step each: ``Attention.project`` (how q, k, v are computed), ``Llama.make_block``
+(which attention and MLP a layer gets), ``Llama.rope`` (the cos/sin tables); a layer's
+``attn.sliding_window`` makes it attend locally.
 """
 
 from __future__ import annotations
@@ -121,17 +124,46 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin tables for ``positions`` [b, s] → each [b, 1, s, hd], computed in fp32."""
+def rope_cos_sin(
+    inv_freq: Tensor, positions: Tensor, dtype: torch.dtype, scale: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """cos and sin tables for ``positions`` [b, s] → each [b, 1, s, 2·len(inv_freq)], computed in fp32.
+
+    ``scale`` multiplies both before the cast (LongRoPE's attention factor, Phi-3).
+    """
     freqs = positions[..., None].float() * inv_freq.float()  # [b, s, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # HF's "rotate half" layout, not interleaved pairs
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    return (emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` [b, h, s, hd] by position: the first and second halves form the pairs."""
+    """Rotate ``x`` [b, h, s, hd] by position: the first and second halves form the pairs.
+
+    Tables narrower than the head (partial rotary, Phi-3/4) rotate only its first ``cos.shape[-1]``
+    dimensions; the rest pass through unchanged.
+    """
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# HF's ``layer_types`` values: a layer attends within a sliding window, or to every earlier position.
+SLIDING = "sliding_attention"
+GLOBAL = "full_attention"
+
+
+def check_layer_types(layer_types: list[str], num_layers: int, sliding_window: int | None) -> None:
+    """Raise ``ValueError`` unless ``layer_types`` names each layer SLIDING or GLOBAL, with a window
+    set when any layer slides (the families with local layers: Gemma 2/3, Qwen)."""
+    if len(layer_types) != num_layers:
+        raise ValueError(f"layer_types has {len(layer_types)} entries for {num_layers} layers")
+    bad = set(layer_types) - {SLIDING, GLOBAL}
+    if bad:
+        raise ValueError(f"unknown layer_types {sorted(bad)}; use {SLIDING!r} or {GLOBAL!r}")
+    if SLIDING in layer_types and not sliding_window:
+        raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
 
 
 def attention_mask(
@@ -278,23 +310,37 @@ class KVCache(nn.Module):
 
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE, through ``F.scaled_dot_product_attention``
-    (or ``matmul_attention`` when ``use_sdpa`` is off; see ``CausalLM.set_attention``)."""
+    (or ``matmul_attention`` when ``use_sdpa`` is off; see ``CausalLM.set_attention``).
 
-    def __init__(self, cfg: LlamaConfig) -> None:
+    Args:
+        cfg: The model's shape.
+        qkv_bias: Give the q, k and v projections a bias (Qwen2); Llama has none.
+        sliding_window: Attend only to the last ``sliding_window`` positions (Mistral, Phi-3); the
+            model builds the matching mask from this attribute.
+    """
+
+    def __init__(self, cfg: LlamaConfig, qkv_bias: bool = False, sliding_window: int | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.sliding_window = sliding_window
         self.kv_cache: KVCache | None = None
         self.use_sdpa = True
 
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries [b, h, s, hd], keys and values [b, kvh, s, hd] of ``x`` [b, s, d], before RoPE."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [b, h, s, hd]
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kvh, s, hd]
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)  # [b, h, s, hd], [b, kvh, s, hd] ×2
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(k, v)
@@ -321,14 +367,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: attention then MLP, each added to the residual stream."""
+    """Pre-norm transformer block: attention then MLP, each added to the residual stream.
 
-    def __init__(self, cfg: LlamaConfig) -> None:
+    ``attn`` and ``mlp`` default to Llama's; the families built on Llama pass their own.
+    """
+
+    def __init__(self, cfg: LlamaConfig, attn: nn.Module | None = None, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = attn if attn is not None else Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = mlp if mlp is not None else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
@@ -405,7 +454,7 @@ class Llama(CausalLM):
         super().__init__()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(self.make_block(i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -413,6 +462,10 @@ class Llama(CausalLM):
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
         self.reset_buffers()
         self.activation_checkpointing = False  # recompute each block in backward to save memory
+
+    def make_block(self, layer: int) -> nn.Module:
+        """Transformer block number ``layer`` (every Llama block is the same)."""
+        return Block(self.config)
 
     def reset_buffers(self) -> None:
         """(Re)compute the RoPE frequencies, in fp32 on the model's device.
@@ -423,6 +476,26 @@ class Llama(CausalLM):
         """
         device = self.tok_embeddings.weight.device
         self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling).to(device)
+
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """RoPE's cos and sin tables for ``positions`` [b, s], each [b, 1, s, hd]."""
+        return rope_cos_sin(self.inv_freq, positions, dtype)
+
+    def layer_mask(
+        self, positions: Tensor, document_ids: Tensor | None, cache_len: int, sliding_window: int | None
+    ) -> Tensor | None:
+        """The attention mask of layers with this ``sliding_window`` (``None``: global layers).
+
+        ``None`` when attention is plain causal, which lets SDPA take its causal fast path: no packing,
+        no cache, and keys that all fit in the window. The window counts slots in the row (= position
+        distance inside one packed document).
+        """
+        b, s = positions.shape
+        window = sliding_window if sliding_window is not None and cache_len + s > sliding_window else None
+        if document_ids is None and cache_len == 0 and window is None:
+            return None
+        kv_pos = torch.arange(cache_len + s, device=positions.device).expand(b, -1)
+        return attention_mask(positions if cache_len else kv_pos[:, -s:], kv_pos, document_ids, document_ids, window)
 
     def hidden_states(
         self, tokens: Tensor, *, positions: Tensor | None = None, document_ids: Tensor | None = None
@@ -440,13 +513,14 @@ class Llama(CausalLM):
         cache_len = self.kv_cache_length()
         if positions is None:
             positions = torch.arange(cache_len, cache_len + s, device=tokens.device).expand(b, s)
-        mask = None  # None → SDPA's own causal fast path
-        if document_ids is not None or cache_len > 0:
-            kv_pos = torch.arange(cache_len + s, device=tokens.device).expand(b, -1)
-            mask = attention_mask(positions if cache_len else kv_pos[:, -s:], kv_pos, document_ids, document_ids)
         x = self.tok_embeddings(tokens)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        cos, sin = self.rope(positions, x.dtype)
+        masks: dict[int | None, Tensor | None] = {}  # one per sliding window in use (None: global layers)
         for layer in self.layers:
+            window = layer.attn.sliding_window
+            if window not in masks:
+                masks[window] = self.layer_mask(positions, document_ids, cache_len, window)
+            mask = masks[window]
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:

@@ -11,6 +11,10 @@ asks this module four things and nothing more:
 A Llama checkpoint's layout is identical to ours apart from the names (HF stores nn.Linear weights
 as [out, in], as we do), so the table below is the whole conversion. GGUF additionally permutes the
 rows of Q and K; ``unpermute_qk`` undoes that.
+
+The families built on Llama (``mistral_hf``, ``qwen_hf``, ``phi3_hf``) start from the shared pieces
+here — ``llama_fields`` / ``llama_config_json`` (config.json) and ``gguf_fields`` (GGUF metadata) —
+and add only their own keys and names.
 """
 
 from __future__ import annotations
@@ -73,26 +77,37 @@ def expand_names(top: dict[str, str | None], per_layer: dict[str, str | None], n
     return names
 
 
-def hf_to_ours(cfg: LlamaConfig) -> dict[str, str | None]:
-    """Every HF parameter name of a checkpoint for ``cfg`` → our name (``None``: read past it).
+def hf_names(per_layer: dict[str, str | None], cfg: LlamaConfig) -> dict[str, str | None]:
+    """Every HF parameter name of a Llama-style checkpoint with these per-layer entries → our name.
 
     With tied embeddings ``lm_head.weight`` is the embedding itself: HF leaves it out of the file,
     and if a file has it anyway we skip it rather than let it overwrite the shared matrix.
     """
-    names = expand_names(HF_TOP_LEVEL, HF_PER_LAYER, cfg.num_layers)
+    names = expand_names(HF_TOP_LEVEL, per_layer, cfg.num_layers)
     if cfg.tie_embeddings:
         names["lm_head.weight"] = None
     return names
 
 
-def gguf_to_ours(cfg: LlamaConfig) -> dict[str, str | None]:
-    """Every GGUF tensor name for ``cfg`` → our name (``None``: not a weight we load)."""
-    names = expand_names(GGUF_TOP_LEVEL, GGUF_PER_LAYER, cfg.num_layers)
+def gguf_names(per_layer: dict[str, str | None], cfg: LlamaConfig) -> dict[str, str | None]:
+    """Every GGUF tensor name of a Llama-style file with these per-layer entries → our name
+    (``None``: not a weight we load)."""
+    names = expand_names(GGUF_TOP_LEVEL, per_layer, cfg.num_layers)
     if cfg.tie_embeddings:
         names["output.weight"] = None
     if cfg.rope_scaling:
         names["rope_freqs.weight"] = None  # already turned into cfg.rope_scaling; RoPE is recomputed
     return names
+
+
+def hf_to_ours(cfg: LlamaConfig) -> dict[str, str | None]:
+    """Every HF parameter name of a checkpoint for ``cfg`` → our name (``None``: read past it)."""
+    return hf_names(HF_PER_LAYER, cfg)
+
+
+def gguf_to_ours(cfg: LlamaConfig) -> dict[str, str | None]:
+    """Every GGUF tensor name for ``cfg`` → our name (``None``: not a weight we load)."""
+    return gguf_names(GGUF_PER_LAYER, cfg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,6 +131,63 @@ def _rope_from_hf(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return float(theta), scaling
 
 
+def check_supported(d: dict[str, Any], supported: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first key of ``d`` set to something other than ``supported[key]``."""
+    for key, value in supported.items():
+        if d.get(key, value) != value:
+            raise ValueError(f"config key {key!r} = {d[key]!r} is not supported (only {value!r})")
+
+
+def llama_fields(
+    d: dict[str, Any],
+    *,
+    norm_eps: float = 1e-6,
+    max_seq_len: int = 2048,
+    head_dim: int | None = None,
+    rope_types: tuple[str, ...] = ("linear", "llama3"),
+) -> dict[str, Any]:
+    """The ``LlamaConfig`` fields of a Llama-style ``config.json``, as keyword arguments.
+
+    Llama, Mistral, Qwen and Phi-3 spell these keys the same way, so their family modules start from
+    this and add their own. A missing optional key takes the default given: each family passes the
+    defaults of its own transformers config class.
+
+    Args:
+        rope_types: The ``rope_scaling`` types the family's model implements.
+
+    Raises:
+        ValueError: naming a missing required key, an activation other than SiLU, or a RoPE
+            scaling type the model does not implement.
+    """
+    check_supported(d, {"hidden_act": "silu"})
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"config is missing required key(s) {missing}")
+    theta, scaling = _rope_from_hf(d)
+    if scaling and scaling["rope_type"] not in rope_types:
+        raise ValueError(
+            f"config key 'rope_scaling' has type {scaling['rope_type']!r}, which is not supported "
+            f"(supported: {', '.join(rope_types)}, or none)"
+        )
+    return dict(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        num_layers=d["num_hidden_layers"],
+        num_heads=d["num_attention_heads"],
+        num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        intermediate_size=d["intermediate_size"],
+        head_dim=d.get("head_dim") or head_dim,
+        norm_eps=d.get("rms_norm_eps", norm_eps),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_seq_len=d.get("max_position_embeddings", max_seq_len),
+        tie_embeddings=d.get("tie_word_embeddings", False),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id"),
+    )
+
+
 def config_from_hf(d: dict[str, Any]) -> LlamaConfig:
     """Build a ``LlamaConfig`` from a parsed HF ``config.json`` (``model_type: "llama"``).
 
@@ -123,43 +195,17 @@ def config_from_hf(d: dict[str, Any]) -> LlamaConfig:
         ValueError: naming the key, for features this Llama does not implement (biases,
             activations other than SiLU) or a missing required key.
     """
-    for key, supported in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-        if d.get(key, supported) != supported:
-            raise ValueError(f"config key {key!r} = {d[key]!r} is not supported (only {supported!r})")
-    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-    missing = [k for k in required if k not in d]
-    if missing:
-        raise ValueError(f"config is missing required key(s) {missing}")
-    theta, scaling = _rope_from_hf(d)
-    return LlamaConfig(
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
-        num_layers=d["num_hidden_layers"],
-        num_heads=d["num_attention_heads"],
-        num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-        intermediate_size=d["intermediate_size"],
-        head_dim=d.get("head_dim"),
-        norm_eps=d.get("rms_norm_eps", 1e-6),  # transformers' LlamaConfig default
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_seq_len=d.get("max_position_embeddings", 2048),
-        tie_embeddings=d.get("tie_word_embeddings", False),
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=d.get("eos_token_id"),
-    )
+    check_supported(d, {"attention_bias": False, "mlp_bias": False})
+    return LlamaConfig(**llama_fields(d))  # defaults: transformers' LlamaConfig (rms_norm_eps 1e-6)
 
 
-def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
-    """HF ``config.json`` contents for ``cfg``, as ``transformers`` and vLLM read them.
-
-    The writer adds ``torch_dtype`` (it knows the dtype it saves in).
+def llama_config_json(cfg: LlamaConfig) -> dict[str, Any]:
+    """The ``config.json`` keys every Llama-style family writes the same way (no model_type yet).
 
     RoPE is written in the classic ``rope_theta`` + ``rope_scaling`` form, which every
     transformers version (5 converts it to ``rope_parameters`` itself) and vLLM understand.
     """
     out: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -173,8 +219,6 @@ def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
         "rope_theta": cfg.rope_theta,
         "rope_scaling": cfg.rope_scaling,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
     }
     if cfg.bos_token_id is not None:
         out["bos_token_id"] = cfg.bos_token_id
@@ -183,48 +227,69 @@ def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
     return out
 
 
+def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
+    """HF ``config.json`` contents for ``cfg``, as ``transformers`` and vLLM read them.
+
+    The writer adds ``torch_dtype`` (it knows the dtype it saves in).
+    """
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **llama_config_json(cfg),
+            "attention_bias": False, "mlp_bias": False}
+
+
 # ------------------------------------------------------------------------------------------------
 # GGUF
 # ------------------------------------------------------------------------------------------------
+def gguf_get(meta: dict[str, Any], key: str, default: Any = KeyError) -> Any:
+    """``meta["{arch}.{key}"]`` for the file's own architecture, else ``default``.
+
+    Raises:
+        ValueError: the key is missing and there is no default.
+    """
+    arch = meta["general.architecture"]
+    if f"{arch}.{key}" in meta:
+        return meta[f"{arch}.{key}"]
+    if default is KeyError:
+        raise ValueError(f"GGUF metadata is missing {arch}.{key}")
+    return default
+
+
+def gguf_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """The ``LlamaConfig`` fields of GGUF metadata, as keyword arguments (llama, qwen2, qwen3, phi3
+    files spell them the same way under their own architecture prefix)."""
+    num_heads = gguf_get(meta, "attention.head_count")
+    hidden = gguf_get(meta, "embedding_length")
+    vocab = gguf_get(meta, "vocab_size", None) or len(meta["tokenizer.ggml.tokens"])
+    head_dim = (gguf_get(meta, "attention.key_length", None) or gguf_get(meta, "rope.dimension_count", None)
+                or hidden // num_heads)
+    theta = gguf_get(meta, "rope.freq_base", 10000.0)
+    rope_scaling = None
+    if "rope_freqs" in meta:  # Llama 3.1 / 3.2: the scaling is stored as a tensor, not as metadata
+        rope_scaling = llama3_scaling_from_rope_freqs(meta["rope_freqs"], head_dim, theta)
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=gguf_get(meta, "block_count"),
+        num_heads=num_heads,
+        num_kv_heads=gguf_get(meta, "attention.head_count_kv", num_heads),
+        intermediate_size=gguf_get(meta, "feed_forward_length"),
+        head_dim=head_dim,
+        norm_eps=gguf_get(meta, "attention.layer_norm_rms_epsilon"),
+        rope_theta=theta,
+        rope_scaling=rope_scaling,
+        max_seq_len=gguf_get(meta, "context_length"),
+        tie_embeddings=False,  # decided by the loader: tied when the file has no output.weight
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+    )
+
+
 def config_from_gguf(meta: dict[str, Any]) -> LlamaConfig:
     """Build a ``LlamaConfig`` from GGUF metadata (``general.architecture == "llama"``).
 
     Args:
         meta: GGUF key → plain Python value (see ``gguf_loader.read_metadata``).
     """
-    arch = meta["general.architecture"]
-
-    def get(key: str, default: Any = KeyError) -> Any:
-        if f"{arch}.{key}" in meta:
-            return meta[f"{arch}.{key}"]
-        if default is KeyError:
-            raise ValueError(f"GGUF metadata is missing {arch}.{key}")
-        return default
-
-    num_heads = get("attention.head_count")
-    hidden = get("embedding_length")
-    vocab = get("vocab_size", None) or len(meta["tokenizer.ggml.tokens"])
-    head_dim = get("attention.key_length", None) or get("rope.dimension_count", None) or hidden // num_heads
-    theta = get("rope.freq_base", 10000.0)
-    rope_scaling = None
-    if "rope_freqs" in meta:  # Llama 3.1 / 3.2: the scaling is stored as a tensor, not as metadata
-        rope_scaling = llama3_scaling_from_rope_freqs(meta["rope_freqs"], head_dim, theta)
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_layers=get("block_count"),
-        num_heads=num_heads,
-        num_kv_heads=get("attention.head_count_kv", num_heads),
-        intermediate_size=get("feed_forward_length"),
-        head_dim=head_dim,
-        norm_eps=get("attention.layer_norm_rms_epsilon"),
-        rope_theta=theta,
-        rope_scaling=rope_scaling,
-        max_seq_len=get("context_length"),
-        tie_embeddings=False,  # decided by the loader: tied when the file has no output.weight
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-    )
+    return LlamaConfig(**gguf_fields(meta))
 
 
 def llama3_scaling_from_rope_freqs(rope_freqs: Tensor, head_dim: int, theta: float) -> dict[str, Any]:

@@ -26,8 +26,11 @@ from torch import Tensor, nn
 
 from tunesmith.models import nf4
 
-# Leaf names of the linear layers in our models that LoRA may target.
+# Leaf names of the linear layers in our models that LoRA may target (Llama, Gemma, Qwen, Mistral).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "output")
+# Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj, as its HF checkpoint does; it has
+# o_proj, down_proj and output but none of the fused layers' parts.
+FUSED_LORA_TARGETS = ("qkv_proj", "gate_up_proj")
 
 
 class LoRALinear(nn.Module):
@@ -208,7 +211,7 @@ def apply_lora(
 
     Args:
         model: The model to modify.
-        targets: Leaf names of layers to adapt, from ``LORA_TARGETS``.
+        targets: Leaf names of layers to adapt, from ``LORA_TARGETS`` or ``FUSED_LORA_TARGETS``.
         rank: LoRA rank.
         alpha: LoRA alpha (update scale is ``alpha / rank``).
         dropout: Dropout on the adapter input.
@@ -218,11 +221,18 @@ def apply_lora(
         The same model object.
 
     Raises:
-        ValueError: For target names outside ``LORA_TARGETS`` or targets matching no layer.
+        ValueError: For unknown target names, or targets this model has no layer of (``q_proj`` on
+            Phi-3, whose attention is one fused ``qkv_proj``): the message lists the model's own.
     """
-    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    valid = LORA_TARGETS + FUSED_LORA_TARGETS
+    unknown = sorted(set(targets) - set(valid))
     if unknown:
-        raise ValueError(f"unknown LoRA target(s) {unknown}; valid targets are {list(LORA_TARGETS)}")
+        raise ValueError(f"unknown LoRA target(s) {unknown}; valid targets are {list(valid)}")
+    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    absent = [t for t in targets if t not in present]
+    if absent:
+        own = [t for t in valid if t in present]
+        raise ValueError(f"LoRA target(s) {absent} are not layers of {type(model).__name__}; its targets are {own}")
     # How many times each Parameter appears in the model; > 1 means shared (tied embeddings).
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):

@@ -38,3 +38,18 @@ def run_until_checkpoint(monkeypatch: pytest.MonkeyPatch, run: Callable[[], Any]
         patch.setattr(checkpointing, "save_checkpoint", save_then_stop)
         with pytest.raises(StoppedAfterSave):
             run()
+
+
+def base_adapter_and_merged_logits(base: Any, checkpoint: Path, tokens: Any) -> tuple[Any, Any, Any]:
+    """Logits of an HF ``base`` model, of ``base`` + the checkpoint's PEFT adapter (``peft``), and of the
+    checkpoint's merged HF folder (``transformers``): what a user gets from a LoRA run's outputs."""
+    import peft
+    import torch
+    import transformers
+
+    with torch.no_grad():
+        base_logits = base(tokens).logits
+        with_adapter = peft.PeftModel.from_pretrained(base, checkpoint / "adapter").eval()
+        peft_logits = with_adapter(tokens).logits
+        merged = transformers.AutoModelForCausalLM.from_pretrained(checkpoint / "merged", dtype=torch.float32).eval()
+        return base_logits, peft_logits, merged(tokens).logits

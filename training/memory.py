@@ -65,11 +65,20 @@ class MemoryEstimate:
 
 
 def _linear_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
-    """(in, out) of each adaptable linear layer of one Llama-style block, and the output head."""
+    """(in, out) of each adaptable linear layer of one Llama-style block, and the output head.
+
+    Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` are listed too: LoRA targets them by those names.
+    """
     d, hd = cfg.hidden_size, cfg.head_dim
     q, kv, inter = cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.intermediate_size
     return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-            "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d), "output": (d, cfg.vocab_size)}
+            "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d), "output": (d, cfg.vocab_size),
+            "qkv_proj": (d, q + 2 * kv), "gate_up_proj": (d, 2 * inter)}
+
+
+# A fused layer holds exactly the weights of the ones it fuses: NF4 (QLoRA) when it is a target.
+_FUSED_INTO = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+               "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 
 
 def activation_bytes_per_token_layer(
@@ -150,7 +159,8 @@ def estimate(
     weights = float(embed * e + (2 * cfg.num_layers + 1) * cfg.hidden_size * e)
     for name in block_linears:
         n = shapes[name][0] * shapes[name][1] * cfg.num_layers
-        weights += n * (NF4_BYTES_PER_VALUE if quantize_base and name in targets else e)
+        quantized = quantize_base and (name in targets or _FUSED_INTO.get(name) in targets)
+        weights += n * (NF4_BYTES_PER_VALUE if quantized else e)
     if not tied:
         weights += embed * (NF4_BYTES_PER_VALUE if quantize_base and "output" in targets else e)
 
@@ -208,7 +218,7 @@ def model_config(source: str) -> Any:
     if not model_dir.is_dir():
         # A Hub id: a known size needs no network (an -Instruct repo has its base's shape) …
         by_repo = {repo: name for name, repo in builders.HUB_IDS.items()}
-        name = by_repo.get(path) or by_repo.get(path.removesuffix("-Instruct"))
+        name = by_repo.get(path) or by_repo.get(path.replace("-Instruct", ""))  # Mistral: -Instruct-v0.3
         if name:
             return builders.BUILDERS[name]()
         from huggingface_hub import hf_hub_download  # … otherwise fetch config.json alone
