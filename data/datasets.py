@@ -353,6 +353,8 @@ class SFTDataset(Dataset):
     ) -> None:
         if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        if not records:
+            raise DataError(f"{source_name} holds no records (the file is empty or has only blank lines)")
         locations = getattr(records, "locations", None) or [f"{source_name} record {i}" for i in range(len(records))]
         cols = _columns(column_map)
         self.items: list[dict] = []

@@ -165,6 +165,8 @@ class PreferenceDataset(Dataset):
 
     def __init__(self, records: list[dict], tokenizer: Tokenizer, *, max_seq_len: int = 1024,
                  source_name: str = "data") -> None:
+        if not records:
+            raise DataError(f"{source_name} holds no records (the file is empty or has only blank lines)")
         locations = getattr(records, "locations", None) or [f"{source_name} record {i}" for i in range(len(records))]
         self.items: list[dict] = []
         self.prompts: list[Messages] = []

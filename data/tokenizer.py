@@ -515,8 +515,10 @@ class Tokenizer:
                 continue
             region = regions[k]
             others = [r for j, r in enumerate(regions) if j != k and r is not None]
-            floor = max([e for _, e in spans] + [e for s, e in others if region is None or e <= region[0]], default=0)
             opening = self._opening(messages, k, text)
+            anchor = region[0] if region is not None else opening  # the turn's content (or generation) start
+            # the end of whatever the template rendered before this turn: generation cannot start earlier
+            floor = max([e for _, e in spans] + [e for _, e in others if anchor is not None and e <= anchor], default=0)
             if opening is not None and floor <= opening and (region is None or opening <= region[0]):
                 start = opening
             elif region is not None:

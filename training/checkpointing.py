@@ -215,19 +215,27 @@ def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
 def resume_conflicts(saved: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """``(key, saved value, new value)`` for each option in ``RESUME_MUST_MATCH`` that differs.
 
-    Keys present on one side only (an option added or removed between versions) are not compared.
+    Options present on one side only (added or removed between tunesmith versions) are not
+    compared; entries of a mapping option (``data.column_map.output``) are, as unset on the other side.
     """
     old_flat, new_flat = _flatten(saved), _flatten(new)
     held_out_file = bool(old_flat.get("data.val")) and bool(new_flat.get("data.val"))
+
+    def in_mapping(key: str, other: dict[str, Any]) -> bool:
+        parent = key.rpartition(".")[0]
+        return "." in parent or other.get(parent) == {}
+
+    keys = (old_flat.keys() & new_flat.keys()) | {k for k in new_flat.keys() - old_flat.keys() if in_mapping(k, old_flat)} \
+        | {k for k in old_flat.keys() - new_flat.keys() if in_mapping(k, new_flat)}
     conflicts = []
-    for key in sorted(old_flat.keys() & new_flat.keys()):
-        if old_flat[key] == new_flat[key]:
+    for key in sorted(keys):
+        if old_flat.get(key) == new_flat.get(key):
             continue
         if not any(key == m or key.startswith(m + ".") for m in RESUME_MUST_MATCH):
             continue
         if held_out_file and key in _HELD_OUT_ONLY:
             continue
-        conflicts.append((key, old_flat[key], new_flat[key]))
+        conflicts.append((key, old_flat.get(key), new_flat.get(key)))
     return conflicts
 
 
@@ -404,8 +412,8 @@ def explain_dcp_load_failure(error: BaseException, ckpt_dir: Path, earlier: list
             return CheckpointUnreadableError(
                 f"{shards}: a shard file is missing ({cause.filename or text}; present: {names}), e.g. deleted or "
                 "never finished copying." + previous_checkpoint_hint(ckpt_dir, earlier))
-        if type(cause).__module__ in ("pickle", "_pickle") or any(
-                word in text for word in ("zip archive", "pickle", "truncated", "metadata is None", "unexpected EOF")):
+        if isinstance(cause, EOFError) or type(cause).__module__ in ("pickle", "_pickle") or any(
+                word in text for word in ("zip archive", "PytorchStreamReader", "pickle", "truncated", "metadata is None")):
             return CheckpointUnreadableError(f"{shards} is unreadable ({text}; truncated or corrupt)."
                                              + previous_checkpoint_hint(ckpt_dir, earlier))
     return None

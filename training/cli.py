@@ -23,6 +23,7 @@ the launch flags (``--nproc-per-node`` ...).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import importlib
 import importlib.util
@@ -79,7 +80,7 @@ def load_recipe(name_or_path: str) -> ModuleType:
         module = importlib.import_module(f"tunesmith.recipes.{name_or_path}")
     else:
         raise _unknown("recipe", name_or_path, bundled_recipes())
-    if not hasattr(module, "Config") or not hasattr(module, "main"):
+    if not dataclasses.is_dataclass(getattr(module, "Config", None)) or not callable(getattr(module, "main", None)):
         raise ConfigError(f"{name_or_path} is not a recipe: it must define a `Config` dataclass and `main(cfg)`")
     return module
 
@@ -87,6 +88,8 @@ def load_recipe(name_or_path: str) -> ModuleType:
 def resolve_config_path(name_or_path: str) -> Path:
     """A bundled config name (``smollm2_135m``) or a YAML path."""
     path = Path(name_or_path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder; give a YAML file or a bundled config name")
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")

@@ -558,8 +558,8 @@ def check_environment(cfg: Any) -> None:
                     errors.append(f"config key '{key}' = {value!r}: {e}")
 
     walk(cfg, "")
-    errors += _run_hooks(cfg, "validate_environment")
-    _raise(errors)
+    _raise(errors)  # each option on its own first: rules across options assume they hold
+    _raise(_run_hooks(cfg, "validate_environment"))
 
 
 def check_keyword_args(cls: type, args: dict[str, Any], key: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ implicit rewards' log-ratios, ``σ`` the logistic function, ``|y|`` the response
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,12 +240,10 @@ def preference_loss_class(name: str) -> type:
     if name in LOSSES:
         return LOSSES[name]
     if "." not in name:
-        import difflib
-
         close = difflib.get_close_matches(name, list(LOSSES), n=1, cutoff=0.5)
         hint = f" — did you mean {close[0]}?" if close else ""
-        raise ConfigError(f"config key 'loss' = {name!r} is not one of {', '.join(LOSSES)}{hint} "
-                          "nor an import path (my_losses.MyLoss)")
+        raise ConfigError(f"config key 'loss' = {name!r} is neither a built-in loss ({', '.join(LOSSES)}) nor an "
+                          f"import path (my_losses.MyLoss){hint}")
     try:
         return import_object(name)
     except ConfigError as e:

@@ -145,7 +145,7 @@ def check_chat_template(value: str) -> None:
     try:
         compile_template(path.read_text(encoding="utf-8"))
     except TemplateError as e:
-        raise ConfigError(f"the template file {e}") from None
+        raise ConfigError(str(e)) from None
     except UnicodeDecodeError:
         raise ConfigError("the template file is not UTF-8 text") from None
 
