@@ -232,8 +232,8 @@ def _field(record: dict, name: str, where: str, *, required: bool = True, format
         guess = _guess_format(record) if format is not None else None
         hint = (f"; the record looks like format={guess} data: set data.format={guess}"
                 if guess is not None and guess != format else
-                f"; if it has another name, map it: column_map={{{name!r}: 'your_name'}} "
-                f"(recipe config: data.column_map.{name}=your_name)")
+                f"; if it has another name, map it: data.column_map.{name}=your_name "
+                f"(in Python: column_map={{{name!r}: 'your_name'}})")
         raise DataError(f"{where}: missing field {name!r} (fields present: {sorted(record)}){hint}")
     return record[name]
 

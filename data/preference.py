@@ -135,7 +135,8 @@ def record_to_pair(record: dict, where: str) -> tuple[Messages, str, str]:
     return prompt_messages, answers[0], answers[1]
 
 
-def _side(tokenizer: Tokenizer, prompt: Messages, answer: str, max_seq_len: int, where: str) -> tuple[list[int], list[int], bool]:
+def _side(tokenizer: Tokenizer, prompt: Messages, answer: str, max_seq_len: int,
+          where: str) -> tuple[list[int], list[int], bool]:
     """(tokens, shifted labels on the final answer only, whether it was cut) of one side, cut to ``max_seq_len``."""
     try:
         tokens, mask = tokenizer.tokenize_messages(prompt + [{"role": "assistant", "content": answer}],
@@ -194,8 +195,11 @@ class PreferenceDataset(Dataset):
             self.prompts.append(prompt)
         self.num_dropped = beyond + identical
         if self.num_dropped:
-            reasons = [f"{beyond} whose final answer starts beyond max_seq_len={max_seq_len} (raise it to keep them)"] * bool(beyond)
-            reasons += [f"{identical} whose chosen and rejected are identical within max_seq_len (they train nothing)"] * bool(identical)
+            reasons = []
+            if beyond:
+                reasons.append(f"{beyond} whose final answer starts beyond max_seq_len={max_seq_len} (raise it to keep them)")
+            if identical:
+                reasons.append(f"{identical} whose chosen and rejected are identical within max_seq_len (they train nothing)")
             warnings.warn(f"{source_name}: dropped {self.num_dropped} pair(s) of {len(records)}: " + "; ".join(reasons))
         if self.num_truncated:
             warnings.warn(f"{source_name}: {self.num_truncated} pair(s) have an answer cut at max_seq_len={max_seq_len}")

@@ -130,7 +130,8 @@ def main(cfg: Config) -> dict[str, Any]:
     optimizer = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total_steps)
     loss_fn = loss_class(cfg.loss)(**cfg.loss_args)
-    step = dist_utils.resume_dcp(output_dir, model, optimizer, scheduler, env, config=to_dict(cfg))[0] if cfg.resume else 0
+    step = (dist_utils.resume_dcp(output_dir, model, optimizer, scheduler, env, config=to_dict(cfg))[0]
+            if cfg.resume else 0)
 
     def save(at_step: int, final: bool = False) -> Path:
         hf = {"tokenizer_dir": base.tokenizer_dir} if final and cfg.save_hf else None

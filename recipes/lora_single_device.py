@@ -88,7 +88,8 @@ class Config(RunOptions):
         self.loss_args = check_keyword_args(loss_class(self.loss), self.loss_args, "loss_args")
 
     def validate_environment(self) -> None:
-        if self.activation_offloading and (self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())):
+        on_cpu = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
+        if self.activation_offloading and on_cpu:
             raise ConfigError("activation_offloading=true needs a CUDA device; on CPU activations are already in "
                               "host memory: set activation_offloading=false")
 

@@ -20,6 +20,7 @@ import pytest
 
 from tunesmith.data import chat_templates, load_tokenizer
 
+from test_chat_template import masked_runs
 from test_gemma_tokenizer import GEMMA3_TEMPLATE
 from test_tokenizer import CHATML_SPECIALS, GEMMA_SPECIALS, LLAMA3_SPECIALS, SMOLLM_CHATML, build_bpe_dir, build_spm_dir
 
@@ -447,14 +448,7 @@ def test_every_bundled_template_masks_each_answer_and_its_end_of_turn(generic_di
     tok.chat_template = chat_templates.get(name)
     conv = [SYSTEM] + CONVERSATIONS["answer_in_user_turn"][:2] + CONVERSATIONS["multi_turn"][2:]
     ids, mask = tok.tokenize_messages(conv)
-    runs, current = [], []
-    for i, keep in zip(ids, mask):
-        if keep:
-            current.append(i)
-        elif current:
-            runs.append(current)
-            current = []
-    runs += [current] if current else []
+    runs = masked_runs(ids, mask)
     answers = [m["content"] for m in conv if m["role"] == "assistant"]
     assert len(runs) == len(answers)
     stops = set(tok.stop_ids)

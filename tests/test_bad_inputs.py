@@ -537,6 +537,15 @@ def test_real_entry_point_prints_no_traceback(env, make_args, words):
     assert_refused(r.returncode, r.stderr, words)
 
 
+def test_hub_repo_that_cannot_be_fetched_is_a_user_error(env):
+    import os
+
+    r = subprocess.run([sys.executable, "-m", "tunesmith.training.cli", "lora_single_device", "--config", env["base_sft"],
+                        "model=nobody-here/no-such-model"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert_refused(r.returncode, r.stderr, ["HF_HUB_OFFLINE"])
+
+
 def test_a_bug_still_shows_its_traceback(env, tmp_path, monkeypatch):
     recipe = tmp_path / "buggy_recipe.py"
     recipe.write_text(

@@ -106,12 +106,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     do. A bare ``FileNotFoundError`` / ``ValueError`` is NOT one of them: from anywhere else it is
     a bug and shows its traceback.
     """
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+
     from tunesmith.data.datasets import DataError
     from tunesmith.data.tokenizer import TemplateError, TokenizerError
     from tunesmith.models.hf_checkpoint import CheckpointFormatError
     from tunesmith.training.checkpointing import CheckpointError
 
-    return (ConfigError, DataError, CheckpointError, CheckpointFormatError, TemplateError, TokenizerError)
+    hub = (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError)  # no such repo, gated (HF_TOKEN), offline
+    return (ConfigError, DataError, CheckpointError, CheckpointFormatError, TemplateError, TokenizerError, *hub)
 
 
 OPTIONS = ("--config", "--dry-run", *LAUNCH_FLAGS)

@@ -257,32 +257,13 @@ def _convert(tp: Any, value: Any, cli: bool) -> Any:
         if isinstance(value, str) and value.lower() in _CLI_TRUE | _CLI_FALSE:
             return value.lower() in _CLI_TRUE
         raise _Invalid(f"expects bool (true or false), got {value!r} ({type(value).__name__})")
-    if base is int:
-        out_int: int | None = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            out_int = value
-        elif isinstance(value, str):
-            try:
-                out_int = int(value.strip())
-            except ValueError:
-                pass
-        if out_int is None:
-            raise _Invalid(f"expects int, got {value!r} ({type(value).__name__})")
-        return _check_meta(out_int, meta)
-    if base is float:
-        out_float: float | None = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out_float = float(value)
-        elif isinstance(value, str):
-            try:
-                out_float = float(value.strip())
-            except ValueError:
-                pass
-        if out_float is None:
-            raise _Invalid(f"expects float, got {value!r} ({type(value).__name__})")
-        if not math.isfinite(out_float):
+    if base is int or base is float:
+        number = _number(value, base)
+        if number is None:
+            raise _Invalid(f"expects {base.__name__}, got {value!r} ({type(value).__name__})")
+        if not math.isfinite(number):
             raise _Invalid(f"must be a finite number, got {value!r}")
-        return _check_meta(out_float, meta)
+        return _check_meta(number, meta)
     if base is str:
         if isinstance(value, str):
             return _check_meta(value, meta)
@@ -298,6 +279,20 @@ def _convert(tp: Any, value: Any, cli: bool) -> Any:
                 pass
         raise _Invalid(f"expects {type_name(base)}, got {value!r} ({type(value).__name__})")
     return value  # a type we do not check (Any-like)
+
+
+def _number(value: Any, kind: type) -> int | float | None:
+    """``value`` as an int or float (text is parsed; a bool or a float for an int is not a number)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) or (kind is float and isinstance(value, float)):
+        return kind(value)
+    if isinstance(value, str):
+        try:
+            return kind(value.strip())
+        except ValueError:
+            return None
+    return None
 
 
 def _check_meta(value: Any, meta: list[Any]) -> Any:
