@@ -288,15 +288,22 @@ def load_training_state(path: str | Path) -> TrainingState:
         raise
 
 
-def checkpoint_problem(ckpt_dir: str | Path) -> str | None:
-    """Why a single-process checkpoint cannot be loaded (a truncated or corrupt file), or None."""
-    ckpt_dir = Path(ckpt_dir)
-    weights = ckpt_dir / "trainable.safetensors"
+def _weights_problem(weights: Path) -> str | None:
+    """Why a safetensors file cannot be read (its header, and that the file covers every tensor), or None."""
     try:
-        with safe_open(str(weights), framework="pt") as f:  # checks the header and that the file is complete
+        with safe_open(str(weights), framework="pt") as f:
             list(f.keys())
     except Exception as e:  # SafetensorError is a bare Exception subclass
         return f"{weights} is unreadable ({e}; truncated or corrupt)"
+    return None
+
+
+def checkpoint_problem(ckpt_dir: str | Path) -> str | None:
+    """Why a single-process checkpoint cannot be loaded (a truncated or corrupt file), or None."""
+    ckpt_dir = Path(ckpt_dir)
+    problem = _weights_problem(ckpt_dir / "trainable.safetensors")
+    if problem is not None:
+        return problem
     try:
         load_training_state(ckpt_dir / "training_state.pt")
     except CheckpointUnreadableError as e:
@@ -322,9 +329,10 @@ def load_checkpoint(ckpt_dir: str | Path, params: dict[str, torch.nn.Parameter])
     """
     ckpt_dir = Path(ckpt_dir)
     weights_file = ckpt_dir / "trainable.safetensors"
-    problem = checkpoint_problem(ckpt_dir)  # read every file before any tensor is copied
+    problem = _weights_problem(weights_file)  # every file is read before any tensor is copied
     if problem is not None:
         raise CheckpointUnreadableError(problem)
+    state = load_training_state(ckpt_dir / "training_state.pt")
     saved = load_file(weights_file)
     missing = sorted(set(params) - set(saved))
     unexpected = sorted(set(saved) - set(params))
@@ -343,7 +351,7 @@ def load_checkpoint(ckpt_dir: str | Path, params: dict[str, torch.nn.Parameter])
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
-    return load_training_state(ckpt_dir / "training_state.pt")
+    return state
 
 
 def resume_latest(

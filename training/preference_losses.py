@@ -242,8 +242,8 @@ def preference_loss_class(name: str) -> type:
     if "." not in name:
         close = difflib.get_close_matches(name, list(LOSSES), n=1, cutoff=0.5)
         hint = f" — did you mean {close[0]}?" if close else ""
-        raise ConfigError(f"config key 'loss' = {name!r} is neither a built-in loss ({', '.join(LOSSES)}) nor an "
-                          f"import path (my_losses.MyLoss){hint}")
+        raise ConfigError(f"config key 'loss' = {name!r} is not one of {', '.join(LOSSES)} nor an import path "
+                          f"(my_losses.MyLoss){hint}")
     try:
         return import_object(name)
     except ConfigError as e:
