@@ -507,6 +507,17 @@ def test_allowed_changes_resume(env, finished_runs, tmp_path, capsys, one_thread
     assert (run / "step_000003").is_dir()
 
 
+def test_generate_reads_the_training_config_and_finds_the_newest_adapter(env, finished_runs, capsys, one_thread):
+    run = finished_runs["lora_single_device"]
+    code = cli.main(["generate", "--config", env["base_sft"], f"output_dir={run}", "prompt=red cat", "max_new_tokens=3"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert f"+ adapter {run / 'step_000002' / 'adapter'}" in out.err and out.out.strip() != ""
+    code = cli.main(["generate", "--config", env["base_full"], f"output_dir={finished_runs['full_finetune_distributed']}",
+                     "prompt=hi"])
+    assert_refused(code, capsys.readouterr().err, ["holds full models, not adapters", "/hf", "adapter=none"])
+
+
 def test_dcp_shape_mismatch_is_named(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
