@@ -14,7 +14,7 @@ from typing import Any
 from tunesmith.data.collate import IGNORE_INDEX, pad_collate
 from tunesmith.data.datasets import DataError, Records, SFTDataset, load_records, split_records
 from tunesmith.data.packing import pack_items, packed_collate
-from tunesmith.data.tokenizer import Tokenizer
+from tunesmith.data.tokenizer import TemplateError, Tokenizer, TokenizerError, TokenizerNotFoundError
 
 # Files a tokenizer can need; anything else in a model repo (weights) is not downloaded.
 TOKENIZER_FILES = [
@@ -45,7 +45,7 @@ def load_tokenizer(source: str | Any) -> Tokenizer:
     source = os.fspath(source)
     if source.endswith(".gguf"):
         if not os.path.isfile(source):
-            raise FileNotFoundError(f"GGUF file not found: {source}")
+            raise TokenizerNotFoundError(f"GGUF file not found: {source}")
         from tunesmith.data.gguf_tokenizer import tokenizer_from_gguf
 
         return tokenizer_from_gguf(source)
@@ -54,7 +54,7 @@ def load_tokenizer(source: str | Any) -> Tokenizer:
     if os.path.isdir(source):
         return Tokenizer.from_hf_dir(source)
     if os.path.exists(source) or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise FileNotFoundError(
+        raise TokenizerNotFoundError(
             f"tokenizer source {source!r} is not a tokenizer directory, .gguf or .model file, "
             "nor a Hub repo id of the form 'owner/name'"
         )
@@ -70,7 +70,9 @@ __all__ = [
     "Records",
     "SFTDataset",
     "TOKENIZER_FILES",
+    "TemplateError",
     "Tokenizer",
+    "TokenizerError",
     "load_records",
     "load_tokenizer",
     "pack_items",

@@ -4,11 +4,15 @@
     SFTDataset(records, tokenizer, format="instruct", max_seq_len=512)[i]
                                                     → {"tokens": [...], "labels": [...]}
 
-Two record formats:
+Three record formats:
 
     instruct  {"instruction": str, "input": str (optional), "output": str}
               → user turn "instruction\\n\\ninput", assistant turn "output"
-    chat      {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
+    chat      {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...]}
+              or ShareGPT's {"conversations": [{"from": "human" | "gpt" | "system" | ..., "value": str}, ...]}
+    text      {"text": str}: plain text for continued pre-training; every token is a target, and a
+              text longer than max_seq_len is split into pieces (overlapping by one token, so every
+              token is still predicted once) instead of being truncated
 
 Labels are already shifted: ``labels[t]`` is the target for position t, i.e. ``tokens[t + 1]``
 where that token is in the loss (assistant content, see ``Tokenizer.tokenize_messages``) and
@@ -31,10 +35,19 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from tunesmith.data.collate import IGNORE_INDEX
-from tunesmith.data.tokenizer import Tokenizer
+from tunesmith.data.tokenizer import TemplateError, Tokenizer
 
-FORMATS = ("instruct", "chat")
+FORMATS = ("instruct", "chat", "text")
+FORMAT_FIELDS = {"instruct": ("instruction", "input", "output"), "chat": ("messages",), "text": ("text",)}
 ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT speakers (the "from" of each turn) → our roles.
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
+    "model": "assistant", "function_call": "assistant",  # a tool call is something the model writes
+    "system": "system",
+    "tool": "tool", "function": "tool", "observation": "tool", "function_response": "tool",
+}
 
 
 class DataError(ValueError):
@@ -185,12 +198,15 @@ def split_records(records: list[dict], val_fraction: float, seed: int = 0) -> tu
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not records:
+        raise DataError("no records to split into training and held-out examples")
     locations = getattr(records, "locations", [f"record {i}" for i in range(len(records))])
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(records) * val_fraction)) if val_fraction > 0 else 0
     if n_val >= len(records):
-        raise ValueError(f"val_fraction={val_fraction} leaves no training records out of {len(records)}")
+        raise DataError(f"holding out val_fraction={val_fraction} of {len(records)} record(s) leaves none to train on; "
+                        "lower data.val_fraction or give a held-out file with data.val")
     pick = lambda idx: Records([records[i] for i in idx], [locations[i] for i in idx])  # noqa: E731
     return pick(sorted(order[n_val:])), pick(sorted(order[:n_val]))
 
@@ -198,13 +214,27 @@ def split_records(records: list[dict], val_fraction: float, seed: int = 0) -> tu
 # ---------------------------------------------------------------------------------------------
 # Records → conversations → tokens and labels
 # ---------------------------------------------------------------------------------------------
-def _field(record: dict, name: str, where: str, *, required: bool = True) -> Any:
+def _guess_format(record: dict) -> str | None:
+    """Which format a record looks like, for a hint when it does not fit the configured one."""
+    if "messages" in record or "conversations" in record:
+        return "chat"
+    if "instruction" in record and "output" in record:
+        return "instruct"
+    if "text" in record:
+        return "text"
+    return None
+
+
+def _field(record: dict, name: str, where: str, *, required: bool = True, format: str | None = None) -> Any:
     if name not in record or (required and record[name] is None):
         if not required:
             return None
-        raise DataError(f"{where}: missing field {name!r} (fields present: {sorted(record)}); "
-                        f"if it has another name, map it: column_map={{{name!r}: 'your_name'}} "
-                        f"(recipe config: data.column_map.{name}=your_name)")
+        guess = _guess_format(record) if format is not None else None
+        hint = (f"; the record looks like format={guess} data: set data.format={guess}"
+                if guess is not None and guess != format else
+                f"; if it has another name, map it: data.column_map.{name}=your_name "
+                f"(in Python: column_map={{{name!r}: 'your_name'}})")
+        raise DataError(f"{where}: missing field {name!r} (fields present: {sorted(record)}){hint}")
     return record[name]
 
 
@@ -214,8 +244,34 @@ def _string(value: Any, name: str, where: str) -> str:
     return value
 
 
+def _columns(column_map: dict[str, str] | None) -> dict[str, str]:
+    cols = {name: name for fields in FORMAT_FIELDS.values() for name in fields}
+    cols.update(column_map or {})
+    return cols
+
+
+def _message(m: Any, at: str) -> dict[str, str]:
+    """One turn, OpenAI style (``role``/``content``) or ShareGPT style (``from``/``value``)."""
+    if not isinstance(m, dict):
+        raise DataError(f"{at} must be an object with 'role' and 'content' (or ShareGPT 'from' and 'value'), "
+                        f"got {type(m).__name__}")
+    if "from" in m and "role" not in m:
+        speaker = _string(_field(m, "from", at), "from", at)
+        role = SHAREGPT_ROLES.get(speaker.lower())
+        if role is None:
+            raise DataError(f"{at} has from={speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
+        return {"role": role, "content": _string(_field(m, "value", at), "value", at)}
+    if "role" not in m and "content" not in m:
+        raise DataError(f"{at} has neither 'role'/'content' (OpenAI style) nor 'from'/'value' (ShareGPT) "
+                        f"(keys present: {sorted(m)})")
+    role = _string(_field(m, "role", at), "role", at)
+    if role not in ROLES:
+        raise DataError(f"{at} has role {role!r}; expected one of {ROLES}")
+    return {"role": role, "content": _string(_field(m, "content", at), "content", at)}
+
+
 def record_to_messages(record: dict, format: str, where: str, column_map: dict[str, str] | None = None) -> list[dict]:
-    """One record as a chat conversation, validating its fields.
+    """One ``instruct`` or ``chat`` record as a chat conversation, validating its fields.
 
     Args:
         record: The raw dict.
@@ -223,34 +279,27 @@ def record_to_messages(record: dict, format: str, where: str, column_map: dict[s
         where: Its location, e.g. ``"train.jsonl line 3"``, for error messages.
         column_map: Our field name → the record's (``{"output": "response"}``).
     """
-    cols = {"instruction": "instruction", "input": "input", "output": "output", "messages": "messages"}
-    cols.update(column_map or {})
+    cols = _columns(column_map)
     if format == "instruct":
-        instruction = _string(_field(record, cols["instruction"], where), cols["instruction"], where)
+        instruction = _string(_field(record, cols["instruction"], where, format=format), cols["instruction"], where)
         extra = _field(record, cols["input"], where, required=False)
         extra = "" if extra is None else _string(extra, cols["input"], where)
-        output = _string(_field(record, cols["output"], where), cols["output"], where)
+        output = _string(_field(record, cols["output"], where, format=format), cols["output"], where)
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
     if format == "chat":
         name = cols["messages"]
-        messages = _field(record, name, where)
+        if name == "messages" and name not in record and "conversations" in record:
+            name = "conversations"  # ShareGPT
+        messages = _field(record, name, where, format=format)
         if not isinstance(messages, list) or not messages:
             raise DataError(f"{where}: field {name!r} must be a non-empty list of "
                             f"{{'role', 'content'}} objects, got {type(messages).__name__}")
-        out = []
-        for j, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise DataError(f"{where}: {name}[{j}] must be an object with 'role' and 'content', got {type(m).__name__}")
-            role = _string(_field(m, "role", f"{where}: {name}[{j}]"), "role", f"{where}: {name}[{j}]")
-            if role not in ROLES:
-                raise DataError(f"{where}: {name}[{j}] has role {role!r}; expected one of {ROLES}")
-            content = _string(_field(m, "content", f"{where}: {name}[{j}]"), "content", f"{where}: {name}[{j}]")
-            out.append({"role": role, "content": content})
+        out = [_message(m, f"{where}: {name}[{j}]") for j, m in enumerate(messages)]
         if not any(m["role"] == "assistant" for m in out):
             raise DataError(f"{where}: {name} has no assistant message, so there is nothing to learn")
         return out
-    raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    raise ValueError(f"format must be one of {FORMATS[:2]}, got {format!r}")
 
 
 def shifted_labels(tokens: list[int], mask: list[bool]) -> list[int]:
@@ -259,21 +308,36 @@ def shifted_labels(tokens: list[int], mask: list[bool]) -> list[int]:
     return labels + [IGNORE_INDEX]
 
 
+def text_pieces(ids: list[int], max_seq_len: int) -> list[list[int]]:
+    """A long token sequence as pieces of at most ``max_seq_len`` that overlap by one token, so
+    every token but the first is the target of exactly one position (``[a b c d e]``, 3 →
+    ``[a b c] [c d e]``)."""
+    if len(ids) <= max_seq_len:
+        return [ids]
+    stride = max_seq_len - 1
+    return [ids[s:s + max_seq_len] for s in range(0, len(ids) - 1, stride)]
+
+
 class SFTDataset(Dataset):
     """Tokenized supervised fine-tuning examples, built eagerly so bad data fails at startup.
 
     Args:
         records: Dicts from ``load_records`` (or any list of dicts).
         tokenizer: Renders each conversation with the model's chat template.
-        format: ``"instruct"`` or ``"chat"``.
-        max_seq_len: Examples are truncated to this many tokens.
-        train_on: ``"assistant"`` (loss on answers only) or ``"all"``.
+        format: ``"instruct"``, ``"chat"`` or ``"text"``.
+        max_seq_len: Examples are truncated to this many tokens (texts are split, see ``text_pieces``).
+        train_on: ``"assistant"`` (loss on answers only) or ``"all"`` (instruct / chat).
         column_map: Our field names → the records' (``{"output": "response"}``).
         source_name: Where the records came from, for messages when they carry no locations.
 
     Items are ``{"tokens": list[int], "labels": list[int]}`` of equal length, labels shifted.
     Examples left with no label after truncation are dropped (with a warning): they would add
     nothing to the loss.
+
+    Raises:
+        DataError: a record that does not fit the format (naming file, line and field), a
+            ``column_map`` name no record has, a conversation the chat template refuses, or no
+            usable example at all.
     """
 
     def __init__(
@@ -289,16 +353,32 @@ class SFTDataset(Dataset):
     ) -> None:
         if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        if not records:
+            raise DataError(f"{source_name} holds no records (the file is empty or has only blank lines)")
         locations = getattr(records, "locations", None) or [f"{source_name} record {i}" for i in range(len(records))]
+        cols = _columns(column_map)
         self.items: list[dict] = []
         self.conversations: list[list[dict]] = []  # the rendered messages, for sample prompts
-        self.num_truncated = 0
+        self.num_truncated = 0  # examples cut at max_seq_len (texts: split into pieces)
         dropped = 0
+        mapped_seen = {theirs: False for theirs in (column_map or {}).values()}
         for record, where in zip(records, locations):
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected an object, got {type(record).__name__}")
+            for theirs in mapped_seen:
+                mapped_seen[theirs] = mapped_seen[theirs] or theirs in record
+            if format == "text":
+                pieces = self._text(record, where, cols["text"], tokenizer, max_seq_len)
+                self.num_truncated += len(pieces) > 1
+                self.items += [{"tokens": p, "labels": shifted_labels(p, [True] * len(p))} for p in pieces]
+                self.conversations += [[] for _ in pieces]
+                dropped += not pieces
+                continue
             messages = record_to_messages(record, format, where, column_map)
-            tokens, mask = tokenizer.tokenize_messages(messages, train_on=train_on)
+            try:
+                tokens, mask = tokenizer.tokenize_messages(messages, train_on=train_on)
+            except TemplateError as e:
+                raise DataError(f"{where}: the chat template cannot render this conversation: {e}") from None
             if len(tokens) > max_seq_len:
                 tokens, mask = tokens[:max_seq_len], mask[:max_seq_len]
                 self.num_truncated += 1
@@ -308,11 +388,29 @@ class SFTDataset(Dataset):
                 continue
             self.items.append({"tokens": tokens, "labels": labels})
             self.conversations.append(messages)
+        unseen = [(ours, theirs) for ours, theirs in (column_map or {}).items() if not mapped_seen[theirs]]
+        if unseen and records:
+            ours, theirs = unseen[0]
+            first = records[0] if isinstance(records[0], dict) else {}
+            raise DataError(f"{source_name}: data.column_map.{ours}={theirs!r}, but no record has a field {theirs!r} "
+                            f"(fields of {locations[0]}: {sorted(first)})")
         if dropped:
-            warnings.warn(f"{source_name}: dropped {dropped} example(s) with no assistant tokens within "
-                          f"max_seq_len={max_seq_len}; raise max_seq_len to keep them")
+            reason = "empty texts" if format == "text" else f"no assistant tokens within max_seq_len={max_seq_len}"
+            warnings.warn(f"{source_name}: dropped {dropped} example(s) with {reason}"
+                          + ("" if format == "text" else "; raise max_seq_len to keep them"))
         if not self.items:
             raise DataError(f"{source_name}: no usable examples ({len(records)} records read)")
+
+    @staticmethod
+    def _text(record: dict, where: str, name: str, tokenizer: Tokenizer, max_seq_len: int) -> list[list[int]]:
+        text = _string(_field(record, name, where, format="text"), name, where)
+        if not text.strip():
+            return []
+        ids = tokenizer.encode(text, add_special_tokens=True)
+        eos = tokenizer.eos_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)  # documents end in EOS, so the model learns where a text stops
+        return text_pieces(ids, max_seq_len)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -321,7 +419,8 @@ class SFTDataset(Dataset):
         return self.items[i]
 
     def prompt_messages(self, i: int) -> list[dict]:
-        """Example ``i``'s conversation up to (not including) its last assistant turn: a prompt to sample."""
+        """Example ``i``'s conversation up to (not including) its last assistant turn: a prompt to
+        sample (empty for plain text, which has no prompt)."""
         messages = self.conversations[i]
         last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
         return messages[:last]

@@ -15,7 +15,16 @@ Three record layouts are read, told apart per record:
 
 Both sides are rendered with the model's chat template. Labels are shifted as in ``SFTDataset``
 (``labels[t]`` is the target for position t) and are on only for the FINAL assistant turn: earlier
-assistant turns belong to the prompt, and the preference is about the last answer only.
+assistant turns belong to the prompt, and the preference is about the last answer only. The final
+turn is found on the whole conversation before it is cut to ``max_seq_len``, so a label can never
+land on an earlier turn. A pair is dropped (and counted in a warning at startup) when its final
+answer starts beyond ``max_seq_len`` on either side, or when chosen and rejected are identical
+within ``max_seq_len`` (such a pair has zero gradient: it trains nothing); an answer that starts
+within ``max_seq_len`` but runs past it is cut at the end, as in other DPO implementations.
+
+In the chat layout the conversation before the answer comes from ``chosen``/``rejected`` when they
+carry one (UltraFeedback repeats the prompt there), else from ``prompt``; chosen and rejected
+must then share it exactly.
 
 Errors name the file and line (or record) and the field at fault.
 """
@@ -31,7 +40,7 @@ from torch.utils.data import Dataset
 
 from tunesmith.data.collate import IGNORE_INDEX, pad_collate
 from tunesmith.data.datasets import ROLES, DataError, shifted_labels
-from tunesmith.data.tokenizer import Tokenizer
+from tunesmith.data.tokenizer import TemplateError, Tokenizer
 
 Messages = list[dict[str, str]]
 
@@ -105,30 +114,39 @@ def record_to_pair(record: dict, where: str) -> tuple[Messages, str, str]:
         prompt_messages = [{"role": "user", "content": prompt}]
     else:
         prompt_messages = _messages(prompt, "prompt", where)
-    answers = []
+    answers, prefixes = [], {}
     for name, value in (("chosen", chosen), ("rejected", rejected)):
         if isinstance(value, str):
             answers.append(value)
             continue
         conversation = _messages(value, name, where)
         prefix, answer = _split_last_answer(conversation, name, where)
-        # UltraFeedback repeats the prompt inside chosen/rejected; a bare [assistant] list does not.
-        if prefix:
-            prompt_messages = prefix
+        if prefix:  # UltraFeedback repeats the prompt inside chosen/rejected; a bare [assistant] list does not
+            prefixes[name] = prefix
         answers.append(answer)
+    if len(prefixes) == 2 and prefixes["chosen"] != prefixes["rejected"]:
+        a, b = prefixes["chosen"], prefixes["rejected"]
+        j = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        raise DataError(f"{where}: 'chosen' and 'rejected' answer different conversations (they differ at message "
+                        f"{j} before the final answer); a preference pair must answer the same prompt")
+    prompt_messages = prefixes.get("chosen") or prefixes.get("rejected") or prompt_messages
     if not prompt_messages or prompt_messages[-1]["role"] == "assistant":
         raise DataError(f"{where}: field 'prompt' must end with a user (or system/tool) message, not an answer")
     return prompt_messages, answers[0], answers[1]
 
 
-def last_turn_labels(tokens: list[int], mask: list[bool]) -> list[int]:
-    """Shifted labels on the last contiguous run of ``mask`` (the final assistant turn) only."""
-    end = max((i for i, m in enumerate(mask) if m), default=-1) + 1
-    start = end
-    while start > 0 and mask[start - 1]:
-        start -= 1
-    last = [start <= i < end for i in range(len(mask))]
-    return shifted_labels(tokens, last)
+def _side(tokenizer: Tokenizer, prompt: Messages, answer: str, max_seq_len: int,
+          where: str) -> tuple[list[int], list[int], bool]:
+    """(tokens, shifted labels on the final answer only, whether it was cut) of one side, cut to ``max_seq_len``."""
+    try:
+        tokens, mask = tokenizer.tokenize_messages(prompt + [{"role": "assistant", "content": answer}],
+                                                   train_on="last_assistant")
+    except TemplateError as e:
+        raise DataError(f"{where}: the chat template cannot render this pair: {e}") from None
+    labels = shifted_labels(tokens, mask)  # on the whole conversation, so the final turn is the final turn
+    if len(tokens) <= max_seq_len:
+        return tokens, labels, False
+    return tokens[:max_seq_len], labels[:max_seq_len - 1] + [IGNORE_INDEX], True  # the last target was cut off
 
 
 class PreferenceDataset(Dataset):
@@ -137,39 +155,54 @@ class PreferenceDataset(Dataset):
     Args:
         records: Dicts from ``load_records`` (their ``locations`` name file and line in errors).
         tokenizer: Renders prompt + answer with the model's chat template.
-        max_seq_len: Each side is truncated to this many tokens; pairs left with no answer token
-            on either side are dropped (with a warning).
+        max_seq_len: Each side is cut to this many tokens; pairs whose answer starts beyond it, or
+            that are identical within it, are dropped (counted in one warning).
         source_name: Names the data in messages when the records carry no locations.
 
     Items: ``{"chosen_tokens", "chosen_labels", "rejected_tokens", "rejected_labels": list[int],
     "index": int}``; ``index`` is the pair's position in the dataset (precomputed reference
-    log-probs are looked up by it).
+    log-probs are looked up by it). ``num_truncated`` / ``num_dropped`` count what was cut / left out.
     """
 
     def __init__(self, records: list[dict], tokenizer: Tokenizer, *, max_seq_len: int = 1024,
                  source_name: str = "data") -> None:
+        if not records:
+            raise DataError(f"{source_name} holds no records (the file is empty or has only blank lines)")
         locations = getattr(records, "locations", None) or [f"{source_name} record {i}" for i in range(len(records))]
         self.items: list[dict] = []
         self.prompts: list[Messages] = []
-        dropped = 0
+        self.num_truncated = 0
+        beyond, identical = 0, 0
         for record, where in zip(records, locations):
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected an object, got {type(record).__name__}")
             prompt, chosen, rejected = record_to_pair(record, where)
             item: dict[str, Any] = {}
+            cut = False
             for side, answer in (("chosen", chosen), ("rejected", rejected)):
-                tokens, mask = tokenizer.tokenize_messages(prompt + [{"role": "assistant", "content": answer}])
-                tokens, mask = tokens[:max_seq_len], mask[:max_seq_len]
-                item[f"{side}_tokens"], item[f"{side}_labels"] = tokens, last_turn_labels(tokens, mask)
+                tokens, labels, was_cut = _side(tokenizer, prompt, answer, max_seq_len, where)
+                item[f"{side}_tokens"], item[f"{side}_labels"] = tokens, labels
+                cut = cut or was_cut
             if all(y == IGNORE_INDEX for y in item["chosen_labels"]) or all(y == IGNORE_INDEX for y in item["rejected_labels"]):
-                dropped += 1
+                beyond += 1
                 continue
+            if item["chosen_tokens"] == item["rejected_tokens"]:
+                identical += 1
+                continue
+            self.num_truncated += cut
             item["index"] = len(self.items)
             self.items.append(item)
             self.prompts.append(prompt)
-        if dropped:
-            warnings.warn(f"{source_name}: dropped {dropped} pair(s) whose answer starts beyond "
-                          f"max_seq_len={max_seq_len}; raise max_seq_len to keep them")
+        self.num_dropped = beyond + identical
+        if self.num_dropped:
+            reasons = []
+            if beyond:
+                reasons.append(f"{beyond} whose final answer starts beyond max_seq_len={max_seq_len} (raise it to keep them)")
+            if identical:
+                reasons.append(f"{identical} whose chosen and rejected are identical within max_seq_len (they train nothing)")
+            warnings.warn(f"{source_name}: dropped {self.num_dropped} pair(s) of {len(records)}: " + "; ".join(reasons))
+        if self.num_truncated:
+            warnings.warn(f"{source_name}: {self.num_truncated} pair(s) have an answer cut at max_seq_len={max_seq_len}")
         if not self.items:
             raise DataError(f"{source_name}: no usable preference pairs ({len(records)} records read)")
 

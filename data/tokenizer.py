@@ -7,20 +7,25 @@
 Both backends give the same ids as ``transformers.AutoTokenizer`` on the same files. On top of
 them ``Tokenizer`` renders the model's own Jinja chat template exactly as transformers does, and
 ``tokenize_messages`` turns a conversation into ids plus a loss mask that is on only for what the
-assistant says. The mask is found from the template itself (character spans of the assistant
-turns in the rendered text, mapped to tokens through offsets), so one code path serves ChatML,
-Llama 2, Llama 3 and Gemma templates.
+assistant writes. The mask is found from the template itself (character spans of the assistant
+turns in the rendered text, mapped to tokens through offsets; see ``Tokenizer.assistant_spans``),
+so one code path serves ChatML, Llama 2/3, Gemma, Qwen, Mistral and Phi templates, and a
+template's own ``{% generation %}`` tags (transformers' convention) are honoured when it has them.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import re
+import warnings
 from datetime import datetime
 from typing import Any, Sequence
 
 import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Tokens that close a turn in the chat formats we know. Any of them present in the vocabulary
@@ -213,7 +218,15 @@ def _clean_up_spaces(text: str) -> str:
 # Chat templates rendered exactly as transformers renders them.
 # ---------------------------------------------------------------------------------------------
 class TemplateError(ValueError):
-    """A chat template raised (``raise_exception``) or could not be parsed."""
+    """A chat template raised (``raise_exception``), could not be parsed, or cannot be used."""
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded or used (missing files, unreadable config, no pad/eos token)."""
+
+
+class TokenizerNotFoundError(TokenizerError, FileNotFoundError):
+    """No tokenizer files where the source points."""
 
 
 def _raise_exception(message: str):
@@ -229,7 +242,33 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+# While a conversation is rendered for its generation spans, {% generation %} blocks are wrapped in
+# these two private-use characters (they never occur in real text; see Tokenizer._tagged_spans).
+_GEN_OPEN, _GEN_CLOSE = "\U000f0001", "\U000f0002"
+_mark_generation = contextvars.ContextVar("mark_generation", default=False)
+
+
+class _GenerationTags(Extension):
+    """``{% generation %} … {% endgeneration %}``: transformers' tag for what the assistant writes.
+
+    Rendering is unchanged; while ``_mark_generation`` is set, each block's output is wrapped in
+    ``_GEN_OPEN`` / ``_GEN_CLOSE`` so its character span can be read off the text.
+    """
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_mark", []), [], [], body).set_lineno(lineno)
+
+    def _mark(self, caller: Any) -> str:
+        text = caller()
+        return _GEN_OPEN + text + _GEN_CLOSE if _mark_generation.get() else text
+
+
 _JINJA_ENV: ImmutableSandboxedEnvironment | None = None
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def compile_template(source: str) -> jinja2.Template:
@@ -237,7 +276,7 @@ def compile_template(source: str) -> jinja2.Template:
     global _JINJA_ENV
     if _JINJA_ENV is None:
         _JINJA_ENV = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationTags]
         )
         _JINJA_ENV.filters["tojson"] = _tojson
         _JINJA_ENV.globals["raise_exception"] = _raise_exception
@@ -246,6 +285,40 @@ def compile_template(source: str) -> jinja2.Template:
         return _JINJA_ENV.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise TemplateError(f"chat template does not parse (line {e.lineno}): {e.message}") from e
+
+
+def has_generation_tags(source: str | None) -> bool:
+    """Whether a template marks the assistant's text with ``{% generation %}`` tags."""
+    return bool(source) and bool(_GENERATION_TAG.search(source))
+
+
+def _sentinel(text: str, messages: list[Message]) -> str:
+    """A private-use character that occurs neither in ``text`` nor in any message."""
+    contents = "".join(str(m.get("content", "")) for m in messages)
+    for code in range(0xE000, 0xE100):
+        if chr(code) not in text and chr(code) not in contents:
+            return chr(code)
+    raise TemplateError("no free private-use character to locate messages with")  # 256 used: not real text
+
+
+_warned_no_end_of_turn: set[str] = set()
+
+
+def _warn_no_end_of_turn(name: str, stop_strings: list[str]) -> None:
+    if name not in _warned_no_end_of_turn:
+        _warned_no_end_of_turn.add(name)
+        warnings.warn(f"the chat template of {name!r} closes an assistant turn with none of the stop tokens "
+                      f"{stop_strings}, so no end-of-turn token is trained and the model cannot learn to stop; "
+                      "choose a chat_template that ends turns with one (e.g. chatml)")
+
+
+def _common_prefix(a: str, b: str) -> int:
+    return len(os.path.commonprefix([a, b]))
+
+
+def _common_suffix(a: str, b: str, limit: int) -> int:
+    n = _common_prefix(a[::-1], b[::-1])
+    return min(n, limit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +398,8 @@ class Tokenizer:
         if pad is None:
             pad = self.eos_id
         if pad is None:
-            raise ValueError(f"tokenizer {self.name!r} has neither a pad nor an eos token; pass pad_token=")
+            raise TokenizerError(f"tokenizer {self.name!r} has neither a pad nor an eos token; add a pad_token to its "
+                                 "tokenizer_config.json (or pass pad_token= to Tokenizer)")
         return pad
 
     @property
@@ -361,18 +435,27 @@ class Tokenizer:
             messages: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``.
             add_generation_prompt: End with the header that opens an assistant turn.
             **kwargs: Extra template variables (e.g. ``tools``, ``date_string``).
+
+        Raises:
+            TemplateError: no template, or the template refuses the conversation or fails.
         """
         if self.chat_template is None:
-            raise ValueError(
-                f"tokenizer {self.name!r} has no chat template; set one from "
-                "tunesmith.data.chat_templates (e.g. tokenizer.chat_template = chat_templates.get('chatml'))"
+            raise TemplateError(
+                f"tokenizer {self.name!r} has no chat template; choose one with the chat_template option "
+                "(chat_template=chatml, llama3, llama2, gemma or a Jinja file), or in Python set "
+                "tokenizer.chat_template = tunesmith.data.chat_templates.get('chatml')"
             )
         if self._template is None or self._template_source != self.chat_template:
             self._template, self._template_source = compile_template(self.chat_template), self.chat_template
         variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
                      "pad_token": self.pad_token or ""}
         variables.update(kwargs)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        except TemplateError:
+            raise
+        except (jinja2.TemplateError, TypeError, KeyError, AttributeError) as e:  # the template's own code failed
+            raise TemplateError(f"chat template of {self.name!r} failed on this conversation: {e}") from e
 
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = False, **kwargs: Any) -> list[int]:
         """Ids of ``render_chat(...)``, tokenized without adding BOS/EOS (the template writes them)."""
@@ -381,57 +464,133 @@ class Tokenizer:
     def tokenize_messages(self, messages: list[Message], train_on: str = "assistant") -> tuple[list[int], list[bool]]:
         """Ids of a whole conversation and a loss mask over them.
 
-        With ``train_on="assistant"`` the mask is True on the tokens of each assistant message's
-        content plus the end-of-turn token that closes it (so the model learns to stop), and False
-        on system/user turns and template markup. ``train_on="all"`` keeps every token.
-
-        The assistant spans come from the template itself: rendering the conversation up to the
-        opening of turn i (``add_generation_prompt=True``) tells where that turn's content starts
-        in the full text; the content is found from there, and the span runs on to the first
-        stop token before the next turn. Tokens overlapping a span (by character offsets) are on.
+        With ``train_on="assistant"`` the mask is True on every token that overlaps a span of
+        ``assistant_spans`` (what the assistant writes, through the end-of-turn token that closes
+        its turn, so the model learns to stop) and False on system/user turns and template
+        markup. ``train_on="last_assistant"`` keeps only the final assistant turn (preference
+        pairs: earlier answers are prompt). ``train_on="all"`` keeps every token.
         """
-        if train_on not in ("assistant", "all"):
-            raise ValueError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
+        if train_on not in ("assistant", "last_assistant", "all"):
+            raise ValueError(f"train_on must be 'assistant', 'last_assistant' or 'all', got {train_on!r}")
         text = self.render_chat(messages)
         ids, offsets = self._backend.encode_with_offsets(text)
         if train_on == "all":
             return ids, [True] * len(ids)
-        spans = self._assistant_spans(messages, text)
+        spans = self.assistant_spans(messages, text)
+        if train_on == "last_assistant":
+            spans = spans[-1:]
         mask = [any(s < e_tok and b_tok < e for s, e in spans) for b_tok, e_tok in offsets]
         return ids, mask
 
-    def _assistant_spans(self, messages: list[Message], text: str) -> list[tuple[int, int]]:
-        """Character spans [start, end) of assistant content (+ closing stop token) in ``text``."""
-        stop_strings = [t for t in [self.eos_token, *END_OF_TURN_TOKENS] if t and self.token_to_id(t) is not None]
-        spans, cursor = [], 0
-        for i, msg in enumerate(messages):
+    def assistant_spans(self, messages: list[Message], text: str | None = None) -> list[tuple[int, int]]:
+        """Character spans ``[start, end)`` in the rendered conversation of what the assistant writes.
+
+        A template with ``{% generation %}`` tags says so itself (the spans are its tagged blocks,
+        as in transformers' ``return_assistant_tokens_mask``). Otherwise, for each assistant message:
+
+        * its content is located by rendering the conversation again with that content wrapped
+          in a private-use character on both sides: the text differs exactly where the template
+          put the content (trimmed or rewritten as it may be), never by searching for the text,
+          which can also occur in another turn;
+        * the span starts where generation starts: after the template's generation prompt
+          (``messages[:i]`` rendered with ``add_generation_prompt``) when that is a prefix of the
+          conversation — so an answer's reasoning block, which Qwen3 writes after the header, is
+          trained on — and else at the content;
+        * it ends with the first end-of-turn token (EOS, ``<|im_end|>``, ``<|eot_id|>``, …) after
+          the content and before the next message. A template whose turns end in none gets a
+          warning: the model could not learn to stop.
+
+        Raises:
+            TemplateError: an assistant message that cannot be located in the rendered text.
+        """
+        text = self.render_chat(messages) if text is None else text
+        if has_generation_tags(self.chat_template):
+            return self._tagged_spans(messages, text)
+        regions = [self._content_region(messages, k, text) for k in range(len(messages))]
+        stop_strings = [t for t in dict.fromkeys([self.eos_token, *END_OF_TURN_TOKENS])
+                        if t and self.token_to_id(t) is not None]
+        spans: list[tuple[int, int]] = []
+        for k, msg in enumerate(messages):
             if msg.get("role") != "assistant":
                 continue
-            content = msg.get("content") or ""
-            if not isinstance(content, str):
-                raise ValueError(f"message {i}: assistant content must be a string, got {type(content).__name__}")
-            opening = self.render_chat(messages[:i], add_generation_prompt=True)
-            search_from = max(cursor, len(opening) if text.startswith(opening) else cursor)
-            # Templates may trim the content (Llama 2, Gemma); look for it as written, then trimmed.
-            start = text.find(content, search_from) if content else -1
-            if start < 0 and content.strip():
-                content = content.strip()
-                start = text.find(content, search_from)
-            if start < 0:
-                start = search_from  # empty or rewritten content: nothing to anchor on but the header
-                content = ""
-            end = start + len(content)
-            # The turn ends where the conversation rendered through this message ends.
-            through = self.render_chat(messages[: i + 1])
-            turn_end = len(through) if text.startswith(through) else len(text)
-            tail = text[end:turn_end]
-            hits = [(tail.find(s), s) for s in stop_strings if s in tail]
+            region = regions[k]
+            others = [r for j, r in enumerate(regions) if j != k and r is not None]
+            opening = self._opening(messages, k, text)
+            anchor = region[0] if region is not None else opening  # the turn's content (or generation) start
+            # the end of whatever the template rendered before this turn: generation cannot start earlier
+            floor = max([e for _, e in spans] + [e for _, e in others if anchor is not None and e <= anchor], default=0)
+            if opening is not None and floor <= opening and (region is None or opening <= region[0]):
+                start = opening
+            elif region is not None:
+                start = region[0]
+            else:
+                raise TemplateError(f"cannot locate assistant message {k} in the conversation the chat template of "
+                                    f"{self.name!r} renders (it rewrites or drops the content and its generation "
+                                    "prompt is not a prefix of the conversation); use train_on=all or another "
+                                    "chat_template")
+            content_end = region[1] if region is not None else start
+            ceiling = min([s for s, _ in others if s >= content_end], default=len(text))
+            tail = text[content_end:ceiling]
+            hits = [(tail.find(s), -len(s), s) for s in stop_strings if s in tail]
             if hits:
-                pos, s = min(hits)
-                end += pos + len(s)
+                pos, _, stop = min(hits)
+                end = content_end + pos + len(stop)
+            else:
+                end = content_end
+                _warn_no_end_of_turn(self.name, stop_strings)
             spans.append((start, end))
-            cursor = end
         return spans
+
+    def _opening(self, messages: list[Message], k: int, text: str) -> int | None:
+        """Where generation of message ``k`` starts: the length of ``messages[:k]`` rendered with the
+        generation prompt, when that is a prefix of ``text``; else None."""
+        try:
+            opening = self.render_chat(messages[:k], add_generation_prompt=True)
+        except TemplateError:
+            return None
+        return len(opening) if opening and text.startswith(opening) else None
+
+    def _content_region(self, messages: list[Message], k: int, text: str) -> tuple[int, int] | None:
+        """``[start, end)`` of message ``k``'s content as the template rendered it, or None when the
+        template does not show it verbatim enough to tell (dropped, duplicated or split)."""
+        content = messages[k].get("content")
+        if not isinstance(content, str):
+            return None
+        mark = _sentinel(text, messages)
+        probe = list(messages)
+        probe[k] = {**messages[k], "content": mark + content + mark}
+        try:
+            out = self.render_chat(probe)
+        except TemplateError:
+            return None
+        if out.count(mark) != 2:
+            return None
+        first, last = out.index(mark), out.rindex(mark)
+        before = _common_prefix(text, out)
+        after = _common_suffix(text, out, len(text) - before)
+        if before != first or len(out) - 1 - after != last:
+            return None  # the template changed text outside the content too: not a clean locate
+        return before, len(text) - after
+
+    def _tagged_spans(self, messages: list[Message], text: str) -> list[tuple[int, int]]:
+        """Spans of the template's ``{% generation %}`` blocks in ``text``."""
+        token = _mark_generation.set(True)
+        try:
+            marked = self.render_chat(messages)
+        finally:
+            _mark_generation.reset(token)
+        spans, plain, start = [], [], 0
+        for ch in marked:
+            if ch == _GEN_OPEN:
+                start = len(plain)
+            elif ch == _GEN_CLOSE:
+                spans.append((start, len(plain)))
+            else:
+                plain.append(ch)
+        if "".join(plain) != text:
+            raise TemplateError(f"chat template of {self.name!r} renders differently on a second pass "
+                                "(does it depend on the time?); cannot read its generation tags")
+        return [(s, e) for s, e in spans if e > s]
 
     # -- constructors ------------------------------------------------------------------------
     @classmethod
@@ -458,7 +617,7 @@ class Tokenizer:
                 model_path, add_bos=config.get("add_bos_token", True), add_eos=config.get("add_eos_token", False),
                 legacy=bool(config.get("legacy", False)), **common,
             )
-        raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+        raise TokenizerNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
 
     @classmethod
     def from_sentencepiece(cls, model_path: str, **kwargs: Any) -> "Tokenizer":
@@ -477,9 +636,12 @@ def _read_tokenizer_config(path: str) -> dict[str, Any]:
         return {}
     with open(cfg_path, encoding="utf-8") as f:
         try:
-            return json.load(f)
+            config = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+            raise TokenizerError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _token_str(value: Any) -> str | None:

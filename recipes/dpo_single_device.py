@@ -29,7 +29,7 @@ import torch
 from tunesmith.models import apply_lora
 from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
-from tunesmith.training.config import to_yaml
+from tunesmith.training.config import check_keyword_args, to_dict, to_yaml
 from tunesmith.training.evaluation import sample_answer
 from tunesmith.training.metrics import MetricLogger, peak_memory_gib
 from tunesmith.training.options import LoRAOptions, RunOptions
@@ -44,7 +44,7 @@ from tunesmith.training.preference import (
     report_preferences,
     save_full_checkpoint,
 )
-from tunesmith.training.preference_losses import build_preference_loss
+from tunesmith.training.preference_losses import build_preference_loss, preference_loss_class
 from tunesmith.training.schedules import warmup_cosine
 from tunesmith.training.setup import (
     build_optimizer, load_model_and_tokenizer, select_device, select_dtype, set_attention, to_device,
@@ -81,6 +81,10 @@ class Config(RunOptions):
     save_merged: bool = False
     sample_max_new_tokens: int = 0  # this recipe's default
 
+    def validate(self) -> None:
+        """Rules across options, checked by ``build_config`` before anything loads."""
+        self.loss_args = check_keyword_args(preference_loss_class(self.loss), self.loss_args, "loss_args")
+
 
 def main(cfg: Config) -> dict[str, Any]:
     # ---- setup -------------------------------------------------------------------------------------
@@ -115,7 +119,7 @@ def main(cfg: Config) -> dict[str, Any]:
         if cfg.precompute_reference:
             train_table = reference.precompute(train_set, batches.collate, cfg.batch_size, device)
             val_table = reference.precompute(val_set, val_batches.collate, cfg.batch_size, device)
-    step = resume_latest(output_dir, params, optimizer, scheduler) if cfg.resume else 0
+    step = resume_latest(output_dir, params, optimizer, scheduler, config=to_dict(cfg)) if cfg.resume else 0
 
     def save(at_step: int, final: bool = False) -> Path:
         common = dict(model=model, optimizer=optimizer, scheduler=scheduler, micro_batches=at_step * cfg.grad_accum_steps,

@@ -21,23 +21,28 @@ the same config gives the same updates on any number of processes.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 
 from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.training import distributed as dist_utils
 from tunesmith.training.checkpointing import remove_stale_temp_dirs
-from tunesmith.training.config import ConfigError, import_object, to_yaml
+from tunesmith.training.config import ConfigError, Refuse, check_keyword_args, to_dict, to_yaml
 from tunesmith.training.evaluation import evaluate_loss, held_out_report
-from tunesmith.training.losses import IGNORE_INDEX, CrossEntropyLoss
+from tunesmith.training.losses import IGNORE_INDEX, loss_class
 from tunesmith.training.metrics import MetricLogger, peak_memory_gib
-from tunesmith.training.options import DataOptions, RunOptions
+from tunesmith.training.options import FP16_REFUSED, DataOptions, RunOptions
 from tunesmith.training.schedules import warmup_cosine
 from tunesmith.training.setup import build_optimizer, select_dtype, set_attention, sft_batches, to_device
+
+
+DISTRIBUTED = True  # tune-run may launch it under torchrun (--nproc-per-node ...)
+FsdpDtype = Annotated[Literal["fp32", "bf16"], Refuse(fp16=FP16_REFUSED)]
 
 
 @dataclass
@@ -66,8 +71,8 @@ class Config(RunOptions):
 
     data: DataOptions = field(default_factory=DataOptions)
     output_dir: str = "output/full"  # this recipe's default
-    compute_dtype: str | None = None
-    reduce_dtype: str | None = None
+    compute_dtype: FsdpDtype | None = None
+    reduce_dtype: FsdpDtype | None = None
     cpu_offload: bool = False
     reshard_after_forward: bool = True
     batch_size: int = 8  # this recipe's default
@@ -75,6 +80,14 @@ class Config(RunOptions):
     loss: str = "cross_entropy"
     loss_args: dict[str, Any] = field(default_factory=dict)
     save_hf: bool = True
+
+    def validate(self) -> None:
+        """Rules across options, checked by ``build_config`` before anything loads."""
+        self.loss_args = check_keyword_args(loss_class(self.loss), self.loss_args, "loss_args")
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun (and by tune-run before launching)
+        if self.batch_size % world:
+            raise ConfigError(f"config key 'batch_size' = {self.batch_size} must be a multiple of the number of "
+                              f"processes ({world}): it is the global micro-batch each process takes a share of")
 
 
 def sharding_options(cfg: Config, env: dist_utils.DistEnv) -> dict[str, Any]:
@@ -116,8 +129,9 @@ def main(cfg: Config) -> dict[str, Any]:
     total_steps = cfg.max_steps or cfg.epochs * batches.per_epoch // cfg.grad_accum_steps
     optimizer = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total_steps)
-    loss_fn = (CrossEntropyLoss if cfg.loss == "cross_entropy" else import_object(cfg.loss))(**cfg.loss_args)
-    step = dist_utils.resume_dcp(output_dir, model, optimizer, scheduler, env)[0] if cfg.resume else 0
+    loss_fn = loss_class(cfg.loss)(**cfg.loss_args)
+    step = (dist_utils.resume_dcp(output_dir, model, optimizer, scheduler, env, config=to_dict(cfg))[0]
+            if cfg.resume else 0)
 
     def save(at_step: int, final: bool = False) -> Path:
         hf = {"tokenizer_dir": base.tokenizer_dir} if final and cfg.save_hf else None

@@ -3,9 +3,11 @@
     tune-run generate --config smollm2_135m prompt="Extract the person's name, age and city as JSON: ..."
     tune-run generate --config smollm2_135m            # interactive chat; empty line or Ctrl-D quits
 
-It reads the same config as the training run, so it finds the newest adapter in ``output_dir`` by
-itself (``adapter=none`` talks to the base model; ``adapter=PATH`` picks one; ``model=PATH/merged``
-loads a merged checkpoint).
+It reads the same config file as the training run (only the keys it declares: model, tokenizer,
+chat_template, output_dir, device, dtype, seed; the training-only ones are skipped), so it finds
+the newest adapter in ``output_dir`` by itself (``adapter=none`` talks to the base model;
+``adapter=PATH`` picks one; ``model=PATH/merged`` loads a merged checkpoint). On the command line
+only its own options are accepted.
 """
 
 from __future__ import annotations
@@ -13,49 +15,91 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, ClassVar, Literal
 
 import torch
 
 from tunesmith.models import load_peft_adapter
 from tunesmith.models.generation import generate
-from tunesmith.recipes.lora_single_device import Config as TrainingConfig
-from tunesmith.training.checkpointing import latest_checkpoint
-from tunesmith.training.config import ConfigError
+from tunesmith.training.checkpointing import list_checkpoints
+from tunesmith.training.config import MISSING, ConfigError, NonNegativeFloat, NonNegativeInt, PositiveInt, Range
+from tunesmith.training import sources
+from tunesmith.training.options import ChatTemplate, Device, ModelSource, TokenizerSource
 from tunesmith.training.setup import load_model_and_tokenizer, select_device, select_dtype
 
 
 @dataclass
-class Config(TrainingConfig):
-    """The training recipe's options plus these.
+class Config:
+    """Options of ``generate`` (YAML keys and ``key=value`` overrides use these names).
 
     Attributes:
-        prompt: One user message to answer; unset starts an interactive chat.
-        system: Optional system message.
+        model: Base model (a local HF folder, Hub repo id, ``.gguf`` file or ``package:MODULE/FILE``),
+            or a merged checkpoint folder (``output_dir/step_N/merged``; then ``adapter=none``).
+        tokenizer: Tokenizer source when it differs from ``model``.
+        chat_template: Override the tokenizer's chat template (chatml, llama3, llama2, gemma or a Jinja file).
+        output_dir: The training run's folder; ``adapter=auto`` takes its newest checkpoint's adapter.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16`` (inference only).
+        seed: Seeds sampling.
         adapter: ``auto`` (newest checkpoint in output_dir, else none), ``none``, or a path to a PEFT
             adapter folder (or a checkpoint folder holding ``adapter/``).
+        prompt: One user message to answer; unset starts an interactive chat.
+        system: Optional system message.
         max_new_tokens: Longest answer.
         temperature: 0 decodes greedily; above 0 samples.
         top_p: Nucleus sampling: sample from the smallest set of tokens whose probability ≥ top_p.
     """
 
+    skips_unknown_file_keys: ClassVar[bool] = True  # the config file is usually a training run's
+
+    model: ModelSource = MISSING
+    tokenizer: TokenizerSource | None = None
+    chat_template: ChatTemplate | None = None
+    output_dir: str = "output/lora"
+    device: Device = "auto"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: NonNegativeInt = 0
+    adapter: str = "auto"
     prompt: str | None = None
     system: str | None = None
-    adapter: str = "auto"
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
+    max_new_tokens: PositiveInt = 256
+    temperature: NonNegativeFloat = 0.0
+    top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
+
+    def validate_environment(self) -> None:
+        sources.check_device_available(self.device)
+        find_adapter(self)
 
 
 def find_adapter(cfg: Config) -> Path | None:
+    """The adapter folder ``cfg.adapter`` names (``auto``: the newest checkpoint's), or None.
+
+    Raises:
+        ConfigError: a path without ``adapter_config.json``, or an ``auto`` checkpoint that holds a
+            full model rather than an adapter (naming what to pass instead).
+    """
     if cfg.adapter == "none":
         return None
     if cfg.adapter == "auto":
-        ckpt = latest_checkpoint(cfg.output_dir)
-        return ckpt / "adapter" if ckpt is not None else None
+        found = list_checkpoints(cfg.output_dir)
+        exported = sorted(Path(cfg.output_dir).glob("step_*/hf"))
+        if not found and exported:  # a full fine-tune's folder: its model is a model, not an adapter
+            raise ConfigError(f"adapter=auto: {cfg.output_dir} holds full models, not adapters; load the newest with "
+                              f"model={exported[-1]} adapter=none")
+        if not found:
+            return None
+        newest = found[-1]
+        if (newest / "adapter").is_dir():
+            return newest / "adapter"
+        merged = newest / "merged"
+        raise ConfigError(f"adapter=auto: the newest checkpoint {newest} holds no adapter (a full fine-tune); "
+                          + (f"load it with model={merged} adapter=none" if merged.is_dir() else
+                             "talk to the base model with adapter=none"))
     path = Path(cfg.adapter)
     path = path / "adapter" if (path / "adapter").is_dir() else path
     if not (path / "adapter_config.json").is_file():
-        raise ConfigError(f"adapter={cfg.adapter}: no adapter_config.json in {path}")
+        raise ConfigError(f"config key 'adapter' = {cfg.adapter!r}: no adapter_config.json in {path} "
+                          "(give a PEFT adapter folder, a checkpoint folder holding adapter/, auto or none)")
     return path
 
 
@@ -63,9 +107,9 @@ def main(cfg: Config) -> list[str]:
     device = select_device(cfg.device)
     dtype = select_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
+    adapter = find_adapter(cfg)
     base = load_model_and_tokenizer(cfg.model, cfg.tokenizer, dtype, device, cfg.chat_template)
     model, tokenizer = base.model, base.tokenizer
-    adapter = find_adapter(cfg)
     if adapter is not None:
         load_peft_adapter(model, adapter)  # adds LoRA layers as adapter_config.json describes
     print(f"model: {cfg.model}" + (f" + adapter {adapter}" if adapter else " (no adapter)"), file=sys.stderr)

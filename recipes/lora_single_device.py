@@ -26,9 +26,9 @@ import torch
 from tunesmith.models import apply_lora
 from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
-from tunesmith.training.config import import_object, to_yaml
+from tunesmith.training.config import ConfigError, check_keyword_args, to_dict, to_yaml
 from tunesmith.training.evaluation import evaluate_loss, held_out_report
-from tunesmith.training.losses import IGNORE_INDEX, CrossEntropyLoss
+from tunesmith.training.losses import IGNORE_INDEX, loss_class
 from tunesmith.training.metrics import MetricLogger, peak_memory_gib
 from tunesmith.training.options import DataOptions, LoRAOptions, RunOptions
 from tunesmith.training.schedules import warmup_cosine
@@ -83,6 +83,16 @@ class Config(RunOptions):
     loss_args: dict[str, Any] = field(default_factory=dict)
     save_merged: bool = False
 
+    def validate(self) -> None:
+        """Rules across options, checked by ``build_config`` before anything loads."""
+        self.loss_args = check_keyword_args(loss_class(self.loss), self.loss_args, "loss_args")
+
+    def validate_environment(self) -> None:
+        on_cpu = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
+        if self.activation_offloading and on_cpu:
+            raise ConfigError("activation_offloading=true needs a CUDA device; on CPU activations are already in "
+                              "host memory: set activation_offloading=false")
+
 
 def estimate_memory(cfg: Config) -> Any:
     """Expected peak memory of this run, split by kind (printed by ``tune-run ... --dry-run``)."""
@@ -93,8 +103,7 @@ def estimate_memory(cfg: Config) -> Any:
 
 def build_loss(name: str, args: dict[str, Any]) -> Any:
     """``cross_entropy`` → our chunked CE; anything else is imported from its path."""
-    cls = CrossEntropyLoss if name == "cross_entropy" else import_object(name)
-    return cls(**args)
+    return loss_class(name)(**args)
 
 
 def main(cfg: Config) -> dict[str, Any]:
@@ -123,7 +132,7 @@ def main(cfg: Config) -> dict[str, Any]:
     if cfg.compile:
         compile_model_and_loss(model, loss_fn)
     offload = activation_offloading(cfg.activation_offloading, device)
-    step = resume_latest(output_dir, params, optimizer, scheduler) if cfg.resume else 0
+    step = resume_latest(output_dir, params, optimizer, scheduler, config=to_dict(cfg)) if cfg.resume else 0
 
     def save(at_step: int, final: bool = False) -> Path:
         return save_adapter_checkpoint(

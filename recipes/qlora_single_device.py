@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from tunesmith.recipes import lora_single_device
 from tunesmith.recipes.lora_single_device import estimate_memory, main  # noqa: F401  (the entry points)
+from tunesmith.training.options import Dtype
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Config(lora_single_device.Config):
     """
 
     quantize_base: bool = True
-    dtype: str = "bf16"
+    dtype: Dtype = "bf16"
     output_dir: str = "output/qlora"
 
 

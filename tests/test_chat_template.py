@@ -42,6 +42,18 @@ def tokenizer_dir(request, tmp_path_factory):
     return request.param, build_spm_dir(d)  # Llama 2: SentencePiece with the [INST] template
 
 
+def masked_runs(ids: list[int], mask: list[bool]) -> list[list[int]]:
+    """The masked tokens as contiguous runs: one per trained assistant turn."""
+    runs, current = [], []
+    for i, keep in zip(ids, mask):
+        if keep:
+            current.append(i)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
 def _conversation(kind):
     # Llama 2's template has no room for a system turn after the first and needs user/assistant alternation.
     return CONVERSATION if kind != "gemma" else [m for m in CONVERSATION if m["role"] != "system"]
@@ -65,16 +77,7 @@ def test_loss_mask_covers_exactly_the_assistant_turns(tokenizer_dir):
     ids, mask = tok.tokenize_messages(conv)
     assert ids == tok.apply_chat_template(conv) and len(mask) == len(ids)
 
-    # Split the masked tokens into contiguous runs: one per assistant turn.
-    runs, current = [], []
-    for i, keep in zip(ids, mask):
-        if keep:
-            current.append(i)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
+    runs = masked_runs(ids, mask)
     answers = [m["content"] for m in conv if m["role"] == "assistant"]
     assert len(runs) == len(answers)
     stops = set(tok.stop_ids)

@@ -96,3 +96,24 @@ def test_cp_config_into_directory(tmp_path):
 def test_console_script_is_installed():
     r = subprocess.run(["tune-run", "ls"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "lora_single_device" in r.stdout
+
+
+def test_readme_generate_command_takes_the_prompt_verbatim_from_a_training_config(capsys):
+    from tunesmith.training.cli import main
+
+    prompt = "Extract the person's name, age and city as JSON: Ana, 41, lives in Porto."
+    assert main(["generate", "--config", "smollm2_135m", f"prompt={prompt}", "--dry-run"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["prompt"] == prompt and resolved["output_dir"] == "output/smollm2_135m"
+    assert "lora" not in resolved and "batch_size" not in resolved  # generate exposes only what it uses
+    assert main(["generate", "--config", "smollm2_135m", "prompt=yes", "--dry-run"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["prompt"] == "yes"
+
+
+def test_text_format_is_packed_unless_told_otherwise(capsys):
+    from tunesmith.training.cli import main
+
+    assert main(["lora_single_device", "--config", "llama3_8b", "data.format=text", "--dry-run"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out.split("\nexpected")[0])["data"]["packing"] is True
+    assert main(["lora_single_device", "--config", "llama3_8b", "data.format=text", "data.packing=false", "--dry-run"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out.split("\nexpected")[0])["data"]["packing"] is False

@@ -168,3 +168,46 @@ def test_hub_style_split_names_with_underscores_and_gzipped_jsonl(tmp_path):
         f.write(json.dumps({"chosen": "a", "rejected": "b"}) + "\n" + "{oops\n")
     with pytest.raises(DataError, match=r"train\.jsonl\.gz line 2"):
         load_records(str(tmp_path / "hh"), split="train")
+
+
+def test_sharegpt_conversations_equal_openai_messages(tok):
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"}, {"role": "tool", "content": "t"},
+                {"role": "assistant", "content": "d"}]
+    sharegpt = {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "a"},
+                                  {"from": "gpt", "value": "b"}, {"from": "observation", "value": "t"},
+                                  {"from": "GPT", "value": "d"}]}
+    ours = SFTDataset([{"messages": messages}, sharegpt], tok, format="chat", max_seq_len=512).items
+    assert ours[0] == ours[1]
+    mapped = SFTDataset([{"dialog": sharegpt["conversations"]}], tok, format="chat", max_seq_len=512,
+                        column_map={"messages": "dialog"}).items
+    assert mapped[0] == ours[0]
+
+
+def test_text_format_labels_every_token_and_splits_long_texts(tok):
+    text = " ".join(["red green blue cat"] * 30)
+    ids = tok.encode(text, add_special_tokens=True) + [tok.eos_id]
+    with pytest.warns(UserWarning, match="dropped 1 example"):
+        ds = SFTDataset([{"text": text}, {"text": "  "}], tok, format="text", max_seq_len=32)
+    assert ds.num_truncated == 1 and all(len(item["tokens"]) <= 32 for item in ds)
+    targets = [y for item in ds for y in item["labels"] if y != -100]
+    assert targets == ids[1:]  # every token but the first is predicted exactly once, EOS included
+    for item in ds:
+        assert item["labels"] == item["tokens"][1:] + [-100]
+    assert ds.prompt_messages(0) == []  # plain text has no prompt to sample an answer for
+
+
+def test_column_map_to_a_field_no_record_has_names_file_and_field(tmp_path, tok):
+    path = _write(tmp_path / "a.jsonl", [json.dumps({"instruction": "i", "output": "o"})] * 2)
+    with pytest.raises(DataError, match=r"a\.jsonl: data.column_map.input='context', but no record has a field 'context'"):
+        SFTDataset(load_records(path), tok, format="instruct", max_seq_len=64, column_map={"input": "context"},
+                   source_name=path)
+
+
+def test_data_that_fits_another_format_says_which(tmp_path, tok):
+    path = _write(tmp_path / "chat.jsonl", [json.dumps({"messages": [{"role": "user", "content": "a"}]})])
+    with pytest.raises(DataError, match=r"chat\.jsonl line 1: missing field 'instruction'.*set data.format=chat"):
+        SFTDataset(load_records(path), tok, format="instruct", max_seq_len=64)
+    path = _write(tmp_path / "text.jsonl", [json.dumps({"text": "hello"})])
+    with pytest.raises(DataError, match=r"missing field 'messages'.*set data.format=text"):
+        SFTDataset(load_records(path), tok, format="chat", max_seq_len=64)

@@ -130,3 +130,47 @@ def test_shipped_demo_reads_and_val_questions_are_unseen(tok):
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
     assert all(r["chosen"] in r["rejected"] and len(r["rejected"]) > 3 * len(r["chosen"]) for r in train + val)
     assert len(PreferenceDataset(val, tok, max_seq_len=256)) == len(val)
+
+
+def test_labels_never_fall_on_an_earlier_turn_when_the_prompt_is_cut(tok):
+    """The old failure: max_seq_len cut into a multi-turn prompt, the "last run" of the mask became an
+    earlier assistant turn, and chosen/rejected got identical labels that train nothing."""
+    earlier = " ".join(["one two three"] * 8)
+    record = {"chosen": f"\n\nHuman: red cat\n\nAssistant: {earlier}\n\nHuman: Reverse the words.\n\nAssistant: cat red",
+              "rejected": f"\n\nHuman: red cat\n\nAssistant: {earlier}\n\nHuman: Reverse the words.\n\nAssistant: no"}
+    full = PreferenceDataset([record], tok, max_seq_len=512)[0]
+    final_start = len(full["chosen_tokens"]) - len(tok.encode("cat red<|im_end|>\n", add_special_tokens=False))
+    with pytest.warns(UserWarning, match=r"dropped 1 pair\(s\) of 2: 1 whose final answer starts beyond"):
+        ds = PreferenceDataset([record, {"prompt": "q", "chosen": "a", "rejected": "b"}], tok, max_seq_len=final_start - 2)
+    assert len(ds) == 1 and ds.num_dropped == 1 and ds.prompt_messages(0)[0]["content"] == "q"
+
+
+def test_an_answer_cut_at_max_seq_len_keeps_only_its_own_tokens(tok):
+    record = {"prompt": PROMPT, "chosen": "red green blue cat dog fish", "rejected": "one two three four five six"}
+    full = PreferenceDataset([record], tok, max_seq_len=512)[0]
+    answer_start = next(t for t, y in enumerate(full["chosen_labels"]) if y != IGNORE_INDEX)
+    n = answer_start + 4
+    with pytest.warns(UserWarning, match=r"1 pair\(s\) have an answer cut"):
+        ds = PreferenceDataset([record], tok, max_seq_len=n)
+    item = ds[0]
+    assert item["chosen_tokens"] == full["chosen_tokens"][:n] and ds.num_truncated == 1
+    assert item["chosen_labels"] == full["chosen_labels"][:n - 1] + [IGNORE_INDEX]  # the cut target is not kept
+
+
+def test_pairs_identical_within_max_seq_len_are_dropped(tok):
+    record = {"prompt": PROMPT, "chosen": "red green blue cat dog", "rejected": "red green blue cat fish"}
+    full = PreferenceDataset([record], tok, max_seq_len=512)[0]
+    answer_start = next(t for t, y in enumerate(full["chosen_labels"]) if y != IGNORE_INDEX)
+    same = {"prompt": PROMPT, "chosen": "same", "rejected": "same"}
+    with pytest.warns(UserWarning, match="2 whose chosen and rejected are identical"), \
+            pytest.raises(DataError, match="no usable preference pairs"):
+        PreferenceDataset([record, same], tok, max_seq_len=answer_start + 3)
+
+
+def test_chat_layout_pairs_must_answer_the_same_conversation(tok):
+    conv = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]  # noqa: E731
+    with pytest.raises(DataError, match=r"uf.jsonl line 7: 'chosen' and 'rejected' answer different conversations"):
+        record_to_pair({"prompt": "q", "chosen": conv("q", "a"), "rejected": conv("another q", "b")}, "uf.jsonl line 7")
+    # the conversation in chosen/rejected wins over the prompt field, as UltraFeedback repeats it there
+    prompt, chosen, rejected = record_to_pair({"prompt": "q ", "chosen": conv("q", "a"), "rejected": conv("q", "b")}, "x")
+    assert prompt == [{"role": "user", "content": "q"}] and (chosen, rejected) == ("a", "b")

@@ -15,6 +15,14 @@ Layout (one folder per saved step; the newest is the one a resume continues from
 A checkpoint is written into ``.tmp-step_…`` and renamed into place only once every file is on
 disk, so a crash (or SIGKILL) mid-save leaves the previous checkpoint untouched and loadable; the
 half-written temp folder is removed the next time the run starts.
+
+Resuming checks before it loads anything (``check_resume_config``): options that change the data
+stream or the shapes (``RESUME_MUST_MATCH``: batch size, seed, data, model, LoRA shape, dtype, …)
+must equal those in the checkpoint's ``config.yaml``, else the run is refused naming each one (old →
+new); run-length and bookkeeping options (max_steps, eval_every, save_every, keep_last, logging,
+speed switches) may change. A newest checkpoint that cannot be read (a truncated file) is refused
+too, naming the file and the previous complete checkpoint to resume from instead: the run never
+falls back to an older one by itself, and a refused run changes and deletes nothing.
 """
 
 from __future__ import annotations
@@ -27,13 +35,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 _PREFIX = "step_"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint on disk does not fit the run (missing file, wrong keys or shapes)."""
+    """A checkpoint on disk does not fit the run (missing file, wrong keys or shapes, other config)."""
+
+
+class CheckpointUnreadableError(CheckpointError):
+    """A checkpoint file that cannot be read at all (truncated, corrupt, or missing)."""
 
 
 @dataclass
@@ -150,22 +164,175 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def remove_stale_temp_dirs(output_dir: str | Path) -> None:
-    """Delete leftovers of saves that were interrupted (never a complete checkpoint)."""
+    """Delete leftovers of saves that were interrupted (never a complete checkpoint).
+
+    A save that replaces an existing step moves the old folder to ``.old-step_…`` first; if it died
+    before the new one was in place, that old folder is the only copy of the step, so it is moved
+    back instead of deleted.
+    """
     output_dir = Path(output_dir)
-    if output_dir.is_dir():
-        for p in output_dir.iterdir():
-            if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".old-")):
-                shutil.rmtree(p, ignore_errors=True)
+    if not output_dir.is_dir():
+        return
+    for p in sorted(output_dir.iterdir()):
+        if not p.is_dir():
+            continue
+        if p.name.startswith(".old-"):
+            step_name = p.name[len(".old-"):].rpartition("-")[0]
+            if step_name.startswith(_PREFIX) and not (output_dir / step_name).exists():
+                os.replace(p, output_dir / step_name)
+                print(f"restored {output_dir / step_name} from an interrupted re-save")
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(".tmp-"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume checks: the new run must continue the same data stream with tensors of the same shapes
+# ------------------------------------------------------------------------------------------------
+# Options (dotted; a group name covers its keys) that a resumed run must share with its checkpoint:
+# they choose which examples each step sees (data, seed, batch_size, grad_accum_steps), what the
+# saved tensors are (model, tokenizer, chat_template, dtype, lora, quantize_base, full, optimizer),
+# or values the saved optimizer state would silently keep (lr, weight_decay). Everything else may
+# change: max_steps, epochs, eval_every, eval_batches, save_every, keep_last, tensorboard, device,
+# the speed/memory switches, sample lengths, losses' chunk sizes.
+RESUME_MUST_MATCH = ("model", "tokenizer", "chat_template", "dtype", "seed", "batch_size", "grad_accum_steps", "data",
+                     "lora", "quantize_base", "full", "optimizer", "lr", "weight_decay")
+# Inside ``data``, options that only choose the held-out set: they may change when both runs name a
+# held-out file (with data.val unset the held-out share is split off the training data).
+_HELD_OUT_ONLY = ("data.val", "data.val_split")
+
+
+def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(values, dict):
+        return {prefix[:-1]: values}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value})
+    return out
+
+
+def resume_conflicts(saved: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, new value)`` for each option in ``RESUME_MUST_MATCH`` that differs.
+
+    Options present on one side only (added or removed between tunesmith versions) are not
+    compared; entries of a mapping option (``data.column_map.output``) are, as unset on the other side.
+    """
+    old_flat, new_flat = _flatten(saved), _flatten(new)
+    held_out_file = bool(old_flat.get("data.val")) and bool(new_flat.get("data.val"))
+
+    def in_mapping(key: str, other: dict[str, Any]) -> bool:
+        parent = key.rpartition(".")[0]
+        return "." in parent or other.get(parent) == {}
+
+    keys = (old_flat.keys() & new_flat.keys()) | {k for k in new_flat.keys() - old_flat.keys() if in_mapping(k, old_flat)} \
+        | {k for k in old_flat.keys() - new_flat.keys() if in_mapping(k, new_flat)}
+    conflicts = []
+    for key in sorted(keys):
+        if old_flat.get(key) == new_flat.get(key):
+            continue
+        if not any(key == m or key.startswith(m + ".") for m in RESUME_MUST_MATCH):
+            continue
+        if held_out_file and key in _HELD_OUT_ONLY:
+            continue
+        conflicts.append((key, old_flat.get(key), new_flat.get(key)))
+    return conflicts
+
+
+def check_resume_config(ckpt_dir: str | Path, config: dict) -> None:
+    """Refuse to resume ``ckpt_dir`` with a config that would change the data stream or the shapes.
+
+    Args:
+        ckpt_dir: The checkpoint about to be loaded.
+        config: The new run's resolved config (``to_dict(cfg)``).
+
+    Raises:
+        CheckpointError: naming every conflicting option (old → new), or an unreadable config.yaml.
+    """
+    path = Path(ckpt_dir) / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointUnreadableError(f"{path} is missing, so the resumed run cannot be checked against the one "
+                                        "that wrote the checkpoint") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CheckpointUnreadableError(f"{path} is unreadable ({str(e).splitlines()[0]})") from None
+    if not isinstance(saved, dict):
+        raise CheckpointUnreadableError(f"{path} does not hold a config mapping")
+    conflicts = resume_conflicts(saved, config)
+    if conflicts:
+        lines = "\n".join(f"  {key}: {old!r} → {new!r}" for key, old, new in conflicts)
+        raise CheckpointError(
+            f"resume=true, but {ckpt_dir} was written with other values of options that change the data stream or "
+            f"the shapes:\n{lines}\nResume with the values in {path}, or start a new run with another output_dir. "
+            "(Options such as max_steps, eval_every, save_every and keep_last may change on resume.) "
+            "Nothing was changed on disk.")
+
+
+def load_training_state(path: str | Path) -> TrainingState:
+    """Read ``training_state.pt`` (tensors and plain containers only: no arbitrary pickle).
+
+    Raises:
+        CheckpointUnreadableError: a missing, truncated or foreign file, named.
+    """
+    try:
+        raw: Any = torch.load(path, weights_only=True)
+        return TrainingState(**raw)
+    except FileNotFoundError:
+        raise CheckpointUnreadableError(f"{path} is missing") from None
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, KeyError) as e:  # torch.load's ways to fail
+        raise CheckpointUnreadableError(f"{path} is unreadable (truncated or corrupt: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # pickle.UnpicklingError and friends
+        if type(e).__module__ in ("pickle", "_pickle"):
+            raise CheckpointUnreadableError(f"{path} is unreadable ({e})") from None
+        raise
+
+
+def _weights_problem(weights: Path) -> str | None:
+    """Why a safetensors file cannot be read (its header, and that the file covers every tensor), or None."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            list(f.keys())
+    except Exception as e:  # SafetensorError is a bare Exception subclass
+        return f"{weights} is unreadable ({e}; truncated or corrupt)"
+    return None
+
+
+def checkpoint_problem(ckpt_dir: str | Path) -> str | None:
+    """Why a single-process checkpoint cannot be loaded (a truncated or corrupt file), or None."""
+    ckpt_dir = Path(ckpt_dir)
+    problem = _weights_problem(ckpt_dir / "trainable.safetensors")
+    if problem is not None:
+        return problem
+    try:
+        load_training_state(ckpt_dir / "training_state.pt")
+    except CheckpointUnreadableError as e:
+        return str(e)
+    return None
+
+
+def previous_checkpoint_hint(bad: Path, earlier: list[Path], verify: Callable[[Path], str | None] | None = None) -> str:
+    """What to do about an unreadable newest checkpoint: the newest earlier one that is complete."""
+    for candidate in reversed(earlier):
+        if verify is None or verify(candidate) is None:
+            return (f" The previous checkpoint {candidate} is complete: to resume from it, move the broken one out of "
+                    f"the way (mv {bad} {bad.parent / ('broken-' + bad.name)}) and run again. Nothing was changed on disk.")
+    return " There is no earlier complete checkpoint: start a new run with another output_dir. Nothing was changed on disk."
 
 
 def load_checkpoint(ckpt_dir: str | Path, params: dict[str, torch.nn.Parameter]) -> TrainingState:
     """Copy saved tensors into ``params`` (strict names and shapes) and return the training state.
 
     Raises:
+        CheckpointUnreadableError: a file that cannot be read (naming it).
         CheckpointError: naming the file and the key when the checkpoint doesn't fit the model.
     """
     ckpt_dir = Path(ckpt_dir)
     weights_file = ckpt_dir / "trainable.safetensors"
+    problem = _weights_problem(weights_file)  # every file is read before any tensor is copied
+    if problem is not None:
+        raise CheckpointUnreadableError(problem)
+    state = load_training_state(ckpt_dir / "training_state.pt")
     saved = load_file(weights_file)
     missing = sorted(set(params) - set(saved))
     unexpected = sorted(set(saved) - set(params))
@@ -175,36 +342,89 @@ def load_checkpoint(ckpt_dir: str | Path, params: dict[str, torch.nn.Parameter])
             "Was it written with a different model or LoRA setting? Resume with the config it was written with "
             f"(see {ckpt_dir / 'config.yaml'}) or use a fresh output_dir."
         )
+    for name, p in params.items():
+        if saved[name].shape != p.shape:
+            raise CheckpointError(
+                f"{weights_file}: '{name}' has shape {tuple(saved[name].shape)}, the model expects "
+                f"{tuple(p.shape)}. Resume with the config in {ckpt_dir / 'config.yaml'} or a fresh output_dir."
+            )
     with torch.no_grad():
         for name, p in params.items():
-            if saved[name].shape != p.shape:
-                raise CheckpointError(
-                    f"{weights_file}: '{name}' has shape {tuple(saved[name].shape)}, the model expects "
-                    f"{tuple(p.shape)}. Resume with the config in {ckpt_dir / 'config.yaml'} or a fresh output_dir."
-                )
             p.copy_(saved[name])
-    raw: dict[str, Any] = torch.load(ckpt_dir / "training_state.pt", weights_only=True)  # no arbitrary pickle
-    return TrainingState(**raw)
+    return state
 
 
 def resume_latest(
-    output_dir: str | Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any
+    output_dir: str | Path,
+    params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config: dict | None = None,
 ) -> int:
     """Load the newest checkpoint in ``output_dir`` into params/optimizer/scheduler/RNG.
 
+    Args:
+        config: The new run's resolved config (``to_dict(cfg)``); when given, it is checked against
+            the checkpoint's first (``check_resume_config``).
+
     Returns:
         The number of optimizer steps already done (0 when there is no checkpoint yet).
+
+    Raises:
+        CheckpointError: a config that changes the data stream or shapes, an unreadable newest
+            checkpoint (naming the previous complete one), or tensors that do not fit.
     """
-    ckpt = latest_checkpoint(output_dir)
-    if ckpt is None:
+    found = list_checkpoints(output_dir)
+    if not found:
         print(f"resume: no checkpoint in {output_dir} yet, starting from step 0")
         return 0
-    state = load_checkpoint(ckpt, params)
-    optimizer.load_state_dict(state.optimizer)
+    ckpt = found[-1]
+    try:
+        if config is not None:
+            check_resume_config(ckpt, config)
+        state = load_checkpoint(ckpt, params)
+    except CheckpointUnreadableError as e:
+        raise CheckpointUnreadableError(str(e) + previous_checkpoint_hint(ckpt, found[:-1], checkpoint_problem)) from None
+    try:
+        optimizer.load_state_dict(state.optimizer)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt / 'training_state.pt'}: the saved optimizer state does not fit this run's "
+                              f"optimizer ({e}); resume with the config in {ckpt / 'config.yaml'}") from None
     scheduler.load_state_dict(state.scheduler)
     set_rng_state(state.rng)
     print(f"resumed from {ckpt} at step {state.step}")
     return state.step
+
+
+def explain_dcp_load_failure(error: BaseException, ckpt_dir: Path, earlier: list[Path]) -> CheckpointError | None:
+    """Say what made ``torch.distributed.checkpoint.load`` of ``ckpt_dir/sharded`` fail.
+
+    DCP wraps every failure in one ``CheckpointException`` (per rank). The known kinds become a
+    ``CheckpointError`` that says which: tensors of other shapes or names (a different model or
+    config), a missing shard file, or a file that cannot be read (truncated / corrupt; then the
+    previous complete checkpoint is named). Anything else returns None: the caller re-raises it
+    with its traceback, since it is not the user's checkpoint that is at fault.
+    """
+    shards = ckpt_dir / "sharded"
+    failures = getattr(error, "failures", None) or {0: error}
+    causes = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    redo = f"Resume with the config it was written with (see {ckpt_dir / 'config.yaml'}) or use a fresh output_dir."
+    for cause in causes:
+        text = str(cause).splitlines()[0][:300] if str(cause) else type(cause).__name__
+        if "Size mismatch" in text:
+            return CheckpointError(f"{shards} holds tensors of other shapes than this model's ({text}). {redo}")
+        if "Missing key in checkpoint" in text:
+            return CheckpointError(f"{shards} lacks tensors this model has ({text}). {redo}")
+        if isinstance(cause, FileNotFoundError):
+            names = sorted(p.name for p in shards.glob("*.distcp")) if shards.is_dir() else []
+            return CheckpointUnreadableError(
+                f"{shards}: a shard file is missing ({cause.filename or text}; present: {names}), e.g. deleted or "
+                "never finished copying." + previous_checkpoint_hint(ckpt_dir, earlier))
+        if isinstance(cause, EOFError) or type(cause).__module__ in ("pickle", "_pickle") or any(
+                word in text for word in ("zip archive", "PytorchStreamReader", "pickle", "truncated", "metadata is None")):
+            return CheckpointUnreadableError(f"{shards} is unreadable ({text}; truncated or corrupt)."
+                                             + previous_checkpoint_hint(ckpt_dir, earlier))
+    return None
 
 
 def save_adapter_checkpoint(

@@ -10,23 +10,33 @@ RECIPE is a bundled recipe name or a path to a ``.py`` file; CONFIG is a bundled
 path to a YAML file. A recipe file defines a ``Config`` dataclass (its options, typed, with defaults)
 and ``main(cfg)``; that is the whole contract, so a copied and edited recipe runs the same way.
 
-User mistakes (unknown key, wrong type, malformed data, a checkpoint that does not fit) end with
-exit code 2 and a one-paragraph message, not a traceback.
+User mistakes (unknown key, wrong type or range, a path that does not exist, malformed data, a
+checkpoint that does not fit) end with exit code 2 and a message naming the file / line / key and
+what to do, not a traceback. Only the typed errors that our checks raise count as user mistakes
+(``ConfigError``, ``DataError``, ``CheckpointError``, ...; see ``user_errors``): anything else is a
+bug and keeps its traceback (exit 1).
+
+Recipes that can run under torchrun set ``DISTRIBUTED = True`` at module level; only they accept
+the launch flags (``--nproc-per-node`` ...).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import difflib
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
-from tunesmith.training.config import ConfigError, build_config, load_yaml, to_yaml
+from tunesmith.training.config import ConfigError, build_config, check_environment, load_yaml, to_yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -70,7 +80,7 @@ def load_recipe(name_or_path: str) -> ModuleType:
         module = importlib.import_module(f"tunesmith.recipes.{name_or_path}")
     else:
         raise _unknown("recipe", name_or_path, bundled_recipes())
-    if not hasattr(module, "Config") or not hasattr(module, "main"):
+    if not dataclasses.is_dataclass(getattr(module, "Config", None)) or not callable(getattr(module, "main", None)):
         raise ConfigError(f"{name_or_path} is not a recipe: it must define a `Config` dataclass and `main(cfg)`")
     return module
 
@@ -78,6 +88,8 @@ def load_recipe(name_or_path: str) -> ModuleType:
 def resolve_config_path(name_or_path: str) -> Path:
     """A bundled config name (``smollm2_135m``) or a YAML path."""
     path = Path(name_or_path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder; give a YAML file or a bundled config name")
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
@@ -87,14 +99,42 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise _unknown("config", name_or_path, bundled_configs())
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the user's input is wrong" (exit 2, no traceback)."""
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the user's input is wrong" (exit 2, no traceback).
+
+    Each is raised where an input is checked, with a message naming the file / key and what to
+    do. A bare ``FileNotFoundError`` / ``ValueError`` is NOT one of them: from anywhere else it is
+    a bug and shows its traceback.
+    """
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+
     from tunesmith.data.datasets import DataError
-    from tunesmith.data.tokenizer import TemplateError
+    from tunesmith.data.tokenizer import TemplateError, TokenizerError
     from tunesmith.models.hf_checkpoint import CheckpointFormatError
     from tunesmith.training.checkpointing import CheckpointError
 
-    return (ConfigError, DataError, CheckpointError, CheckpointFormatError, TemplateError, FileNotFoundError)
+    hub = (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError)  # no such repo, gated (HF_TOKEN), offline
+    return (ConfigError, DataError, CheckpointError, CheckpointFormatError, TemplateError, TokenizerError, *hub)
+
+
+OPTIONS = ("--config", "--dry-run", *LAUNCH_FLAGS)
+
+
+_LAUNCH_VALUES = {  # flag → (accepted values, an example)
+    "--nproc-per-node": (r"[1-9]\d*|auto|cpu|gpu", "8"),
+    "--nnodes": (r"[1-9]\d*(:[1-9]\d*)?", "2"),
+    "--node-rank": (r"\d+", "0"),
+    "--master-port": (r"\d+", "29500"),
+    "--rdzv-endpoint": (r"[^\s:]+(:\d+)?", "host0:29500"),
+}
+
+
+def _launch_value(flag: str, value: str) -> str:
+    """Check a torchrun flag's value here, so a typo is a clear error rather than torchrun's traceback."""
+    pattern, example = _LAUNCH_VALUES.get(flag, (r".+", "VALUE"))
+    if value.startswith("-") or not re.fullmatch(pattern, value):
+        raise ConfigError(f"{flag} {value!r} is not a valid value (e.g. {flag} {example})")
+    return value
 
 
 def _split_args(args: list[str]) -> tuple[str | None, bool, list[str], list[str]]:
@@ -104,39 +144,68 @@ def _split_args(args: list[str]) -> tuple[str | None, bool, list[str], list[str]
     while i < len(args):
         arg = args[i]
         flag, eq, inline = arg.partition("=")
-        if arg == "--config":
-            if i + 1 >= len(args):
+        if flag == "--config":
+            if config is not None:
+                raise ConfigError("--config is given twice; give one config (override single keys with key=value)")
+            if not eq and (i + 1 >= len(args) or args[i + 1].startswith("-")):
                 raise ConfigError("--config needs a value: a bundled config name or a YAML path")
-            config, i = args[i + 1], i + 2
-        elif flag == "--config" and eq:
-            config, i = inline, i + 1
+            config, i = (inline, i + 1) if eq else (args[i + 1], i + 2)
         elif arg == "--dry-run":
             dry_run, i = True, i + 1
         elif flag.replace("_", "-") in LAUNCH_FLAGS:
+            name = flag.replace("_", "-")
             if eq:
-                launch += [flag.replace("_", "-"), inline]
+                launch += [name, _launch_value(name, inline)]
                 i += 1
             else:
                 if i + 1 >= len(args):
                     raise ConfigError(f"{arg} needs a value")
-                launch += [flag.replace("_", "-"), args[i + 1]]
+                launch += [name, _launch_value(name, args[i + 1])]
                 i += 2
         elif arg.startswith("-"):
-            raise ConfigError(f"unknown option {arg}\n{USAGE}")
+            close = difflib.get_close_matches(flag, OPTIONS, n=1, cutoff=0.6)
+            hint = f" — did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown option {arg}{hint}\n{USAGE}")
         else:
             overrides.append(arg)
             i += 1
     return config, dry_run, launch, overrides
 
 
+@contextlib.contextmanager
+def _launch_world_size(launch: list[str]) -> Iterator[None]:
+    """While the config is checked before a torchrun launch, ``WORLD_SIZE`` says how many processes
+    the launch will start (as torchrun will tell each of them), so rules like "batch_size is a
+    multiple of the process count" are checked once, here, instead of failing in every process."""
+    flags = dict(zip(launch[::2], launch[1::2]))
+    nproc, nnodes = flags.get("--nproc-per-node", "1"), flags.get("--nnodes", "1").split(":")[-1]
+    if not launch or not (nproc.isdigit() and nnodes.isdigit()):
+        yield
+        return
+    before = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(int(nproc) * int(nnodes))
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = before
+
+
 def run(recipe: str, args: list[str]) -> int:
-    """Resolve recipe + config + overrides, then dry-run, launch under torchrun, or call ``main``."""
+    """Resolve recipe + config + overrides, check them, then dry-run, launch under torchrun, or call ``main``."""
     config, dry_run, launch, overrides = _split_args(args)
     if config is None:
         raise ConfigError(f"missing --config: name a bundled config (`tune-run ls`) or a YAML file\n{USAGE}")
     module = load_recipe(recipe)
+    if launch and not getattr(module, "DISTRIBUTED", False):
+        raise ConfigError(f"{recipe} runs in one process; the launch flags ({' '.join(launch[::2])}) are for recipes "
+                          "that run under torchrun (e.g. full_finetune_distributed)")
     config_path = resolve_config_path(config)
-    cfg = build_config(module.Config, load_yaml(config_path), overrides, yaml_name=str(config_path))
+    with _launch_world_size(launch):
+        cfg = build_config(module.Config, load_yaml(config_path), overrides, yaml_name=str(config_path))
+        check_environment(cfg)
     if dry_run:
         print(to_yaml(cfg), end="")
         if hasattr(module, "estimate_memory"):
@@ -194,25 +263,32 @@ def list_bundled() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``tune-run``: exit 0 on success, 2 on a user error (one message, no traceback), 130 on Ctrl-C."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     try:
         if argv[0] == "ls":
+            if len(argv) != 1:
+                raise ConfigError(f"ls takes no arguments\n{USAGE}")
             return list_bundled()
         if argv[0] == "cp":
             if len(argv) != 3:
                 raise ConfigError(f"cp takes NAME and DEST\n{USAGE}")
             return copy_out(argv[1], argv[2])
         return run(argv[0], argv[1:])
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"tune-run: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tune-run: interrupted; the last complete checkpoint in output_dir is intact (resume=true)",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tune-run ls | head -3`: the reader left; stop quietly, as a shell tool does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 141
 
 
 if __name__ == "__main__":

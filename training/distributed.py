@@ -34,13 +34,16 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 from tunesmith.training.checkpointing import (
-    CheckpointError,
     TrainingState,
     atomic_write_text,
+    check_resume_config,
+    explain_dcp_load_failure,
+    load_training_state,
     rng_state,
     set_rng_state,
     step_dir_name,
@@ -453,17 +456,22 @@ def _fsync_own_files(root: Path, env: DistEnv) -> None:
 
 
 def resume_dcp(output_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               env: DistEnv) -> tuple[int, int]:
+               env: DistEnv, config: dict | None = None) -> tuple[int, int]:
     """Load the newest complete checkpoint in ``output_dir`` into model, optimizer, schedule and RNG.
 
     DCP stores every tensor with its global shape and each file's slice of it, so any number of
     processes (including one, unsharded) can load a checkpoint that any other number wrote.
 
+    Args:
+        config: The new run's resolved config; when given it must match the checkpoint's in the
+            options that change the data stream or the shapes (``check_resume_config``).
+
     Returns:
         ``(step, micro_batches)`` already done; ``(0, 0)`` when there is no checkpoint yet.
 
     Raises:
-        CheckpointError: the checkpoint does not fit the model (naming the folder and what to do).
+        CheckpointError: another config, or a checkpoint that does not fit the model or cannot be
+            read (saying which, and naming the folder and what to do).
     """
     found = list_dcp_checkpoints(output_dir)
     if not found:
@@ -471,18 +479,20 @@ def resume_dcp(output_dir: str | Path, model: nn.Module, optimizer: torch.optim.
             print(f"resume: no checkpoint in {output_dir} yet, starting from step 0")
         return 0, 0
     ckpt = found[-1]
+    if config is not None:
+        check_resume_config(ckpt, config)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state_dict = {"model": model_sd, "optimizer": optim_sd}
     try:
         with _one_process_dcp(env):
             dcp.load(state_dict, checkpoint_id=str(ckpt / _SHARDS), no_dist=not env.sharded)
-    except Exception as e:  # DCP raises CheckpointException (a bare Exception) for missing keys/shapes
-        raise CheckpointError(
-            f"{ckpt / _SHARDS} does not fit this model ({str(e).splitlines()[0][:300]}). Resume with the config it "
-            f"was written with (see {ckpt / 'config.yaml'}) or use a fresh output_dir.") from e
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException: name it
+        explained = explain_dcp_load_failure(e, ckpt, found[:-1])
+        if explained is None:
+            raise
+        raise explained from e
     set_state_dict(model, optimizer, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optimizer"])
-    raw = torch.load(ckpt / "training_state.pt", weights_only=True)
-    state = TrainingState(**raw)
+    state = load_training_state(ckpt / "training_state.pt")
     scheduler.load_state_dict(state.scheduler)
     own_rng = ckpt / "rng" / f"rank_{env.rank}.pt"  # a rank that did not exist before takes rank 0's
     set_rng_state(torch.load(own_rng, weights_only=True) if own_rng.is_file() else state.rng)

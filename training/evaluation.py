@@ -58,8 +58,8 @@ def held_out_report(model: torch.nn.Module, tokenizer: Any, batches: BatchStream
     """
     loss = evaluate_loss(model, batches, loss_fn, device, max_batches=max_batches)
     print(f"held-out loss: {loss:.4f} ({when} training)", flush=True)
-    if max_new_tokens > 0 and len(dataset) > 0:
-        messages = dataset.prompt_messages(0)
+    messages = dataset.prompt_messages(0) if len(dataset) > 0 else []
+    if max_new_tokens > 0 and messages:  # plain text (format=text) has no prompt to answer
         question = messages[-1]["content"].replace("\n", " ")
         print(f"sample prompt: {question}", flush=True)
         print(f"sample answer ({when}): {sample_answer(model, tokenizer, messages, max_new_tokens)}", flush=True)

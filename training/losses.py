@@ -135,3 +135,20 @@ class CrossEntropyLoss:
         for h_chunk, y_chunk in zip(h.split(self.chunk_size), y.split(self.chunk_size)):
             total = total + checkpoint(self.chunk_loss, h_chunk, y_chunk, head, use_reentrant=False)
         return total
+
+
+def loss_class(name: str) -> type:
+    """The loss class a config names: ``cross_entropy`` (``CrossEntropyLoss``) or an import path
+    (``my_losses.FocalLoss``, found in the current folder too).
+
+    Raises:
+        ConfigError: naming the ``loss`` key when the path does not import.
+    """
+    from tunesmith.training.config import ConfigError, import_object
+
+    if name == "cross_entropy":
+        return CrossEntropyLoss
+    try:
+        return import_object(name)
+    except ConfigError as e:
+        raise ConfigError(f"config key 'loss' = {name!r} is not cross_entropy nor an importable class: {e}") from None

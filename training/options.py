@@ -1,14 +1,46 @@
-"""Option groups that several recipes share, declared once (types, defaults, meaning).
+"""Option groups that several recipes share, declared once (types, defaults, allowed values, meaning).
 
 A recipe's ``Config`` composes these with its own options; the YAML keys are the field names
-(``lora.rank``, ``data.train``, …).
+(``lora.rank``, ``data.train``, …). Each annotation says what a value may be (see
+training/config.py): ``PositiveInt`` is an int ≥ 1, ``Literal[...]`` lists the allowed values,
+``ModelSource`` is checked against the disk before anything loads.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
-from omegaconf import MISSING
+from tunesmith.models.lora import LORA_TARGETS
+from tunesmith.training import sources
+from tunesmith.training.config import (
+    MISSING,
+    ConfigError,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PathCheck,
+    Pattern,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    Refuse,
+)
+
+# -- value types shared by recipes ---------------------------------------------------------------
+FP16_REFUSED = ("fp16 training needs loss scaling and fp32 master weights, which tunesmith does not implement; "
+                "use bf16 (the same memory as fp16, with fp32's range) or fp32")
+Dtype = Annotated[Literal["auto", "fp32", "bf16"], Refuse(fp16=FP16_REFUSED)]
+Device = Annotated[str, Pattern(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")]
+ModelSource = Annotated[str, PathCheck(sources.check_model_source)]
+TokenizerSource = Annotated[str, PathCheck(sources.check_tokenizer_source)]
+ChatTemplate = Annotated[str, PathCheck(sources.check_chat_template)]
+DataSource = Annotated[str, PathCheck(sources.check_data_source)]
+OutputDir = Annotated[str, PathCheck(sources.check_output_dir)]
+Fraction = Annotated[float, Range(gt=0, lt=1)]
+Dropout = Annotated[float, Range(ge=0, lt=1)]
+SeqLen = Annotated[int, Range(ge=2)]
+LoRATarget = Literal[LORA_TARGETS]  # q_proj k_proj v_proj o_proj gate_proj up_proj down_proj output
 
 
 @dataclass
@@ -19,26 +51,48 @@ class DataOptions:
         train: A local ``.json``/``.jsonl`` file or a Hub dataset repo id.
         val: Held-out examples (same forms); when unset, ``val_fraction`` of ``train`` is held out.
         val_fraction: Share of ``train`` held out when ``val`` is unset.
-        format: ``instruct`` (instruction/input/output records) or ``chat`` (``messages`` lists).
-        column_map: Our field names → the records' own, e.g. ``{output: response}``.
+        format: ``instruct`` (instruction/input/output records), ``chat`` (``messages`` lists of
+            role/content, or ShareGPT ``conversations`` lists of from/value) or ``text`` (a ``text``
+            field: plain text for continued pre-training, every token trained on).
+        column_map: Our field names → the records' own, e.g. ``{output: response}``; the keys are
+            the format's fields (instruct: instruction, input, output; chat: messages; text: text).
         split: Which split of a Hub dataset repo ``train`` reads.
         val_split: Which split of a Hub dataset repo ``val`` reads.
-        train_on: ``assistant`` (loss on the answers only) or ``all`` (every token).
-        max_seq_len: Longer examples are truncated to this many tokens.
+        train_on: ``assistant`` (loss on the answers only) or ``all`` (every token); instruct and
+            chat formats (text trains on every token).
+        max_seq_len: Longer examples are truncated to this many tokens (text is split into pieces
+            of this length instead, so no token is lost).
         packing: Concatenate examples into rows of ``max_seq_len`` with per-document attention
             (no attention across examples; positions restart per example). Faster on short data.
+            Unset: on for ``format=text``, off otherwise.
     """
 
-    train: str = MISSING
-    val: str | None = None
-    val_fraction: float = 0.1
-    format: str = "instruct"
+    train: DataSource = MISSING
+    val: DataSource | None = None
+    val_fraction: Fraction = 0.1
+    format: Literal["instruct", "chat", "text"] = "instruct"
     column_map: dict[str, str] = field(default_factory=dict)
     split: str = "train"
     val_split: str = "validation"
-    train_on: str = "assistant"
-    max_seq_len: int = 512
-    packing: bool = False
+    train_on: Literal["assistant", "all"] = "assistant"
+    max_seq_len: SeqLen = 512
+    packing: bool | None = None
+
+    def validate(self) -> None:
+        from tunesmith.data.datasets import FORMAT_FIELDS
+
+        fields = FORMAT_FIELDS[self.format]
+        for ours, theirs in self.column_map.items():
+            if ours not in fields:
+                close = difflib.get_close_matches(ours, fields, n=1, cutoff=0.5)
+                hint = f" — did you mean {close[0]}?" if close else ""
+                raise ConfigError(f"config key 'data.column_map.{ours}': '{ours}' is not a field of format="
+                                  f"{self.format}{hint} (its fields: {', '.join(fields)}; map them to your names, "
+                                  f"e.g. data.column_map.{fields[-1]}=your_field)")
+            if not theirs:
+                raise ConfigError(f"config key 'data.column_map.{ours}' is empty: name the records' field")
+        if self.packing is None:  # the default depends on the format: plain text is packed
+            self.packing = self.format == "text"
 
 
 @dataclass
@@ -53,10 +107,14 @@ class LoRAOptions:
             up_proj down_proj output.
     """
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rank: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Dropout = 0.0
+    targets: list[LoRATarget] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def validate(self) -> None:
+        if not self.targets:
+            raise ConfigError(f"config key 'lora.targets' is empty: name at least one of {', '.join(LORA_TARGETS)}")
 
 
 @dataclass
@@ -69,9 +127,11 @@ class RunOptions:
         tokenizer: Tokenizer source when it differs from ``model``.
         chat_template: Override the tokenizer's chat template: chatml, llama3, llama2, gemma, or a
             Jinja file (base models often ship none).
-        output_dir: Checkpoints, TensorBoard events and final outputs go here.
-        device: ``auto``, ``cpu``, ``cuda``.
-        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
+        output_dir: Checkpoints, TensorBoard events and final outputs go here. A new run
+            (``resume=false``) refuses a folder that holds an earlier run's checkpoints.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16`` (fp16 is refused: it needs
+            loss scaling, which tunesmith does not do).
         seed: Seeds initialisation, dropout and data order.
         batch_size: Examples per micro-batch.
         grad_accum_steps: Micro-batches per optimizer step.
@@ -94,33 +154,39 @@ class RunOptions:
         eval_batches: At most this many held-out micro-batches per evaluation (0: all).
         save_every: Checkpoint every N steps (0: only at the end).
         keep_last: Step checkpoints kept on disk (0: all).
-        resume: Continue from the newest checkpoint in ``output_dir``.
+        resume: Continue from the newest checkpoint in ``output_dir``; options that would change
+            the data stream or the shapes must equal the checkpoint's (see training/checkpointing.py).
         sample_max_new_tokens: Length of the before/after sample answer (0: no sample).
         tensorboard: Write TensorBoard events to ``output_dir/tensorboard``.
     """
 
-    model: str = MISSING
-    tokenizer: str | None = None
-    chat_template: str | None = None
-    output_dir: str = "output/run"
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    batch_size: int = 4
-    grad_accum_steps: int = 1
-    epochs: int = 1
-    max_steps: int = 0
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    max_grad_norm: float = 1.0
-    optimizer: str = "adamw"
+    model: ModelSource = MISSING
+    tokenizer: TokenizerSource | None = None
+    chat_template: ChatTemplate | None = None
+    output_dir: OutputDir = "output/run"
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+    seed: NonNegativeInt = 0
+    batch_size: PositiveInt = 4
+    grad_accum_steps: PositiveInt = 1
+    epochs: PositiveInt = 1
+    max_steps: NonNegativeInt = 0
+    lr: PositiveFloat = 2e-4
+    weight_decay: NonNegativeFloat = 0.0
+    warmup_steps: NonNegativeInt = 10
+    max_grad_norm: NonNegativeFloat = 1.0
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
     activation_checkpointing: bool = False
-    attention: str = "sdpa"
-    eval_every: int = 0
-    eval_batches: int = 0
-    save_every: int = 0
-    keep_last: int = 2
+    attention: Literal["sdpa", "matmul"] = "sdpa"
+    eval_every: NonNegativeInt = 0
+    eval_batches: NonNegativeInt = 0
+    save_every: NonNegativeInt = 0
+    keep_last: NonNegativeInt = 2
     resume: bool = False
-    sample_max_new_tokens: int = 48
+    sample_max_new_tokens: NonNegativeInt = 48
     tensorboard: bool = True
+
+    def validate_environment(self) -> None:
+        sources.check_model_has_tokenizer(self.model, self.tokenizer)
+        sources.check_no_earlier_run(self.output_dir, self.resume)
+        sources.check_device_available(self.device)

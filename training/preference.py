@@ -19,11 +19,12 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from omegaconf import MISSING
 from torch import Tensor, nn
 
 from tunesmith.training.batching import BatchStream
+from tunesmith.training.config import MISSING
 from tunesmith.training.losses import IGNORE_INDEX
+from tunesmith.training.options import DataSource, Fraction, SeqLen
 from tunesmith.training.preference_losses import PreferenceLogProbs
 
 
@@ -37,15 +38,16 @@ class PreferenceDataOptions:
         val_fraction: Share of ``train`` held out when ``val`` is unset.
         split: Which split of a Hub dataset repo ``train`` reads (UltraFeedback: ``train_prefs``).
         val_split: Which split ``val`` reads (UltraFeedback: ``test_prefs``).
-        max_seq_len: Each side (prompt + answer) is truncated to this many tokens.
+        max_seq_len: Each side (prompt + answer) is cut to this many tokens; a pair whose final answer
+            starts beyond it is dropped (counted in a warning at startup, see tunesmith.data.preference).
     """
 
-    train: str = MISSING
-    val: str | None = None
-    val_fraction: float = 0.1
+    train: DataSource = MISSING
+    val: DataSource | None = None
+    val_fraction: Fraction = 0.1
     split: str = "train"
     val_split: str = "validation"
-    max_seq_len: int = 512
+    max_seq_len: SeqLen = 512
 
 
 def preference_batches(
@@ -69,8 +71,8 @@ def preference_batches(
     val_set = PreferenceDataset(val_records, tokenizer, max_seq_len=opts.max_seq_len,
                                 source_name=opts.val or f"{opts.train} (held out)")
     collate = partial(preference_collate, pad_id=tokenizer.pad_id)
-    train_batches = BatchStream(train_set, batch_size, collate, seed=seed)
-    val_batches = BatchStream(val_set, min(batch_size, len(val_set)), collate, shuffle=False)
+    train_batches = BatchStream(train_set, batch_size, collate, seed=seed, name=opts.train)
+    val_batches = BatchStream(val_set, batch_size, collate, shuffle=False, drop_last=False, name=opts.val or "held-out pairs")
     return train_batches, val_batches, train_set, val_set
 
 

@@ -24,6 +24,7 @@ implicit rewards' log-ratios, ``σ`` the logistic function, ``|y|`` the response
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,11 @@ class PreferenceLogProbs:
 LossOutput = tuple[Tensor, Tensor, Tensor]
 
 
+def _check_beta(beta: float) -> None:
+    if not beta > 0:
+        raise ValueError(f"loss_args.beta must be > 0, got {beta}")
+
+
 class DPOLoss:
     """DPO (Rafailov et al. 2023, arXiv:2305.18290, Eq. 7), with conservative label smoothing.
 
@@ -81,6 +87,7 @@ class DPOLoss:
     needs_reference = True
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
+        _check_beta(beta)
         if not 0 <= label_smoothing < 0.5:
             raise ValueError(f"loss_args.label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.beta, self.label_smoothing = beta, label_smoothing
@@ -104,6 +111,7 @@ class RobustDPOLoss:
     needs_reference = True
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
+        _check_beta(beta)
         if not 0 <= label_smoothing < 0.5:
             raise ValueError(f"loss_args.label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.beta, self.label_smoothing = beta, label_smoothing
@@ -128,6 +136,7 @@ class IPOLoss:
     needs_reference = True
 
     def __init__(self, beta: float = 0.1) -> None:
+        _check_beta(beta)
         self.beta = beta
 
     def __call__(self, logps: PreferenceLogProbs) -> LossOutput:
@@ -149,6 +158,7 @@ class HingeLoss:
     needs_reference = True
 
     def __init__(self, beta: float = 0.1) -> None:
+        _check_beta(beta)
         self.beta = beta
 
     def __call__(self, logps: PreferenceLogProbs) -> LossOutput:
@@ -169,6 +179,7 @@ class SimPOLoss:
     needs_reference = False
 
     def __init__(self, beta: float = 2.0, gamma: float = 1.0) -> None:
+        _check_beta(beta)
         self.beta, self.gamma = beta, gamma
 
     def __call__(self, logps: PreferenceLogProbs) -> LossOutput:
@@ -195,6 +206,7 @@ class ORPOLoss:
     needs_reference = False
 
     def __init__(self, beta: float = 0.1) -> None:
+        _check_beta(beta)
         self.beta = beta
 
     def __call__(self, logps: PreferenceLogProbs) -> LossOutput:
@@ -217,20 +229,36 @@ LOSSES: dict[str, type] = {
 }
 
 
-def build_preference_loss(name: str, args: dict[str, Any]) -> Any:
-    """A loss from a built-in name (``dpo``, ``robust_dpo``, ``ipo``, ``hinge``, ``simpo``, ``orpo``) or an import path.
+def preference_loss_class(name: str) -> type:
+    """A loss class from a built-in name (``dpo``, ``robust_dpo``, ``ipo``, ``hinge``, ``simpo``, ``orpo``) or an import path.
 
     Raises:
-        ConfigError: For an unknown name that is not an import path, or arguments the class does not take.
+        ConfigError: naming the ``loss`` key, for an unknown name that is not an importable path.
     """
     from tunesmith.training.config import ConfigError, import_object
 
     if name in LOSSES:
-        cls = LOSSES[name]
-    elif "." in name:
-        cls = import_object(name)
-    else:
-        raise ConfigError(f"loss={name!r} is not one of {', '.join(LOSSES)} nor an import path (my_losses.MyLoss)")
+        return LOSSES[name]
+    if "." not in name:
+        close = difflib.get_close_matches(name, list(LOSSES), n=1, cutoff=0.5)
+        hint = f" — did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"config key 'loss' = {name!r} is not one of {', '.join(LOSSES)} nor an import path "
+                          f"(my_losses.MyLoss){hint}")
+    try:
+        return import_object(name)
+    except ConfigError as e:
+        raise ConfigError(f"config key 'loss' = {name!r}: {e}") from None
+
+
+def build_preference_loss(name: str, args: dict[str, Any]) -> Any:
+    """An instance of ``preference_loss_class(name)`` with ``args``.
+
+    Raises:
+        ConfigError: For an unknown name that is not an import path, or arguments the class does not take.
+    """
+    from tunesmith.training.config import ConfigError
+
+    cls = preference_loss_class(name)
     try:
         return cls(**args)
     except TypeError as e:

@@ -194,10 +194,11 @@ def sft_batches(opts: DataOptions, tokenizer: Any, batch_size: int, seed: int) -
     collate = partial(pad_collate, pad_id=tokenizer.pad_id)
     if opts.packing:
         train: Any = pack_items(train_set.items, opts.max_seq_len)
-        train_batches = BatchStream(train, batch_size, partial(packed_collate, pad_id=tokenizer.pad_id), seed=seed)
+        train_batches = BatchStream(train, batch_size, partial(packed_collate, pad_id=tokenizer.pad_id), seed=seed,
+                                    name=f"{opts.train} (packed into rows of {opts.max_seq_len} tokens)")
     else:
-        train_batches = BatchStream(train_set, batch_size, collate, seed=seed)
-    val_batches = BatchStream(val_set, min(batch_size, len(val_set)), collate, shuffle=False)
+        train_batches = BatchStream(train_set, batch_size, collate, seed=seed, name=opts.train)
+    val_batches = BatchStream(val_set, batch_size, collate, shuffle=False, drop_last=False, name=opts.val or "held-out data")
     return train_batches, val_batches, val_set
 
 
