@@ -33,6 +33,10 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 FUSED_LORA_TARGETS = ("qkv_proj", "gate_up_proj")
 
 
+class LoRATargetError(ValueError):
+    """LoRA targets that name no layer of the model (a user's config, not a bug: the CLI exits 2)."""
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update.
 
@@ -227,12 +231,13 @@ def apply_lora(
     valid = LORA_TARGETS + FUSED_LORA_TARGETS
     unknown = sorted(set(targets) - set(valid))
     if unknown:
-        raise ValueError(f"unknown LoRA target(s) {unknown}; valid targets are {list(valid)}")
+        raise LoRATargetError(f"unknown LoRA target(s) {unknown}; valid targets are {list(valid)}")
     present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     absent = [t for t in targets if t not in present]
     if absent:
         own = [t for t in valid if t in present]
-        raise ValueError(f"LoRA target(s) {absent} are not layers of {type(model).__name__}; its targets are {own}")
+        raise LoRATargetError(f"LoRA target(s) {absent} are not layers of {type(model).__name__}; set lora.targets "
+                              f"to some of its own: {own}")
     # How many times each Parameter appears in the model; > 1 means shared (tied embeddings).
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -244,7 +249,7 @@ def apply_lora(
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
     ]
     if not to_swap:
-        raise ValueError(f"LoRA targets {targets} match no nn.Linear layer in {type(model).__name__}")
+        raise LoRATargetError(f"LoRA targets {targets} match no nn.Linear layer in {type(model).__name__}")
     for name, linear in to_swap:
         shared = uses[id(linear.weight)] > 1
         lora = LoRALinear.from_linear(linear, rank, alpha, dropout, quantize_base=quantize_base and not shared)

@@ -36,7 +36,7 @@ class Config:
         model: Base model (a local HF folder, Hub repo id, ``.gguf`` file or ``package:MODULE/FILE``),
             or a merged checkpoint folder (``output_dir/step_N/merged``; then ``adapter=none``).
         tokenizer: Tokenizer source when it differs from ``model``.
-        chat_template: Override the tokenizer's chat template (chatml, llama3, llama2, gemma or a Jinja file).
+        chat_template: Override the tokenizer's chat template (a name in data/chat_templates.py or a Jinja file).
         output_dir: The training run's folder; ``adapter=auto`` takes its newest checkpoint's adapter.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16`` (inference only).

@@ -82,6 +82,23 @@ def test_frozen_head_cross_entropy_matches_full_logits(compiled):
     torch.testing.assert_close(g_ours, hidden.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_frozen_head_fast_path_covers_the_llama_derived_families_only():
+    """Qwen, Mistral and Phi-3 inherit Llama's plain head, so they get the chunked frozen-head loss;
+    Gemma overrides ``logits`` (soft-capping) and must take the general path."""
+    from tunesmith.models.gemma import Gemma, GemmaConfig
+    from tunesmith.models.mistral import Mistral, MistralConfig
+    from tunesmith.models.phi3 import Phi3, Phi3Config
+    from tunesmith.models.qwen import Qwen, QwenConfig
+    from tunesmith.training.losses import frozen_linear_head
+
+    shape = dict(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32)
+    for cls, cfg in ((Qwen, QwenConfig(version=3, **shape)), (Mistral, MistralConfig(**shape)), (Phi3, Phi3Config(**shape))):
+        model = cls(cfg).requires_grad_(False)
+        assert frozen_linear_head(model.logits) is model.output.weight, cls.__name__
+    gemma = Gemma(GemmaConfig(version=1, head_dim=8, **shape)).requires_grad_(False)
+    assert frozen_linear_head(gemma.logits) is None
+
+
 def test_batch_stream_is_a_pure_function_of_the_index():
     data = [{"i": i} for i in range(10)]
     stream = BatchStream(data, 3, collate=lambda items: [x["i"] for x in items], seed=5)

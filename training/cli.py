@@ -111,10 +111,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tunesmith.data.datasets import DataError
     from tunesmith.data.tokenizer import TemplateError, TokenizerError
     from tunesmith.models.hf_checkpoint import CheckpointFormatError
+    from tunesmith.models.lora import LoRATargetError
     from tunesmith.training.checkpointing import CheckpointError
 
     hub = (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError)  # no such repo, gated (HF_TOKEN), offline
-    return (ConfigError, DataError, CheckpointError, CheckpointFormatError, TemplateError, TokenizerError, *hub)
+    return (ConfigError, DataError, CheckpointError, CheckpointFormatError, LoRATargetError, TemplateError,
+            TokenizerError, *hub)
 
 
 OPTIONS = ("--config", "--dry-run", *LAUNCH_FLAGS)

