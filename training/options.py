@@ -124,3 +124,24 @@ class RunOptions:
     resume: bool = False
     sample_max_new_tokens: int = 48
     tensorboard: bool = True
+
+
+@dataclass
+class ShardingOptions:
+    """FSDP2 options of the distributed recipes (``*_distributed``); they need a torchrun launch.
+
+    Attributes:
+        compute_dtype: FSDP mixed precision: weights are all-gathered and used in this dtype
+            (``bf16`` with ``dtype=fp32`` keeps fp32 master weights); unset: ``dtype``. Needs torchrun.
+        reduce_dtype: Dtype of the gradient reduce-scatter (``fp32`` for accuracy with bf16
+            compute); unset: ``compute_dtype``. Needs torchrun.
+        cpu_offload: Keep sharded weights, gradients and optimizer state in CPU memory (fits larger
+            models, slower). Needs torchrun.
+        reshard_after_forward: Free each block's gathered weights after forward (less memory);
+            ``false`` keeps them for backward (less communication).
+    """
+
+    compute_dtype: str | None = None
+    reduce_dtype: str | None = None
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
