@@ -43,7 +43,7 @@ from tunesmith.training.sharding import clip_grad_norm, load_for_training, shard
 
 
 @dataclass
-class Config(RunOptions, ShardingOptions):
+class Config(ShardingOptions, RunOptions):
     """Options of this recipe (YAML keys and ``key=value`` overrides use these names).
 
     The options every recipe shares (model, output_dir, batch/schedule, evaluation, checkpoints,

@@ -322,9 +322,11 @@ def save_adapter_checkpoint(
     from tunesmith.models import save_hf_checkpoint, save_peft_adapter
     from tunesmith.models.lora import lora_state_dict
     from tunesmith.training.process_group import gather_objects
-    from tunesmith.training.sharding import full_tensor
+    from tunesmith.training.sharding import full_tensor, reshard
 
     sharded = env is not None and env.sharded
+    if sharded:
+        reshard(model)  # an eval-only forward leaves the root gathered: gather from the shards, not its buffers
     trainable = {k: full_tensor(v) for k, v in lora_state_dict(model).items()}  # collective under FSDP
     state = TrainingState(step=step, micro_batches=micro_batches, optimizer=gathered_optimizer_state(optimizer),
                           scheduler=scheduler.state_dict(), rng=rng_state())

@@ -3,8 +3,8 @@
     tune-run ls
     tune-run cp lora_single_device ./my_recipe.py
     tune-run RECIPE --config CONFIG [--dry-run] [key=value ...]
-    tune-run full_finetune_distributed --config CONFIG --nproc-per-node 8 [--nnodes N --node-rank R
-             --rdzv-endpoint HOST:PORT] [key=value ...]
+    tune-run RECIPE_distributed --config CONFIG --nproc-per-node 8 [--nnodes N --node-rank R
+             --rdzv-endpoint HOST:PORT] [--dry-run] [key=value ...]
 
 RECIPE is a bundled recipe name or a path to a ``.py`` file; CONFIG is a bundled config name or a
 path to a YAML file. A recipe file defines a ``Config`` dataclass (its options, typed, with defaults)
@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import inspect
 import os
 import shutil
 import subprocess
@@ -129,6 +130,23 @@ def _split_args(args: list[str]) -> tuple[str | None, bool, list[str], list[str]
     return config, dry_run, launch, overrides
 
 
+def launch_world_size(launch: list[str]) -> int:
+    """Processes a launch starts: ``--nproc-per-node`` × ``--nnodes`` (1 without them; the smaller
+    bound of an elastic ``--nnodes MIN:MAX``).
+
+    Raises:
+        ConfigError: a value that is not a whole number.
+    """
+    values = dict(zip(launch[::2], launch[1::2]))
+    try:
+        nproc = int(values.get("--nproc-per-node", "1"))
+        nnodes = int(values.get("--nnodes", "1").split(":")[0])
+    except ValueError:
+        raise ConfigError(f"--nproc-per-node and --nnodes must be whole numbers for --dry-run's per-rank estimate; "
+                          f"got {values.get('--nproc-per-node')!r} and {values.get('--nnodes')!r}") from None
+    return nproc * nnodes
+
+
 def run(recipe: str, args: list[str]) -> int:
     """Resolve recipe + config + overrides, then dry-run, launch under torchrun, or call ``main``."""
     config, dry_run, launch, overrides = _split_args(args)
@@ -140,7 +158,9 @@ def run(recipe: str, args: list[str]) -> int:
     if dry_run:
         print(to_yaml(cfg), end="")
         if hasattr(module, "estimate_memory"):
-            print(module.estimate_memory(cfg))
+            takes_world = "world_size" in inspect.signature(module.estimate_memory).parameters
+            print(module.estimate_memory(cfg, world_size=launch_world_size(launch)) if takes_world
+                  else module.estimate_memory(cfg))
         return 0
     if launch:
         recipe_file = Path(module.__file__ or "")
