@@ -76,3 +76,11 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
     from recipe_helpers import write_splits
 
     return write_splits(tmp_path_factory.mktemp("tiny_data"), make_records)
+
+
+@pytest.fixture(scope="session")
+def tiny_pref_data(tmp_path_factory) -> dict[str, Path]:
+    """Train and held-out JSONL preference pairs (repeat twice ≻ say once, reversed)."""
+    from recipe_helpers import make_pairs, write_splits
+
+    return write_splits(tmp_path_factory.mktemp("tiny_pref_data"), make_pairs)

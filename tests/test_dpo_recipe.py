@@ -3,7 +3,6 @@ preference is learned, a custom loss plugs in from YAML, resume is exact, the fu
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -16,28 +15,13 @@ from tunesmith.data.preference import PreferenceDataset, preference_collate
 from tunesmith.models import apply_lora, load_pretrained
 from tunesmith.models.lora import disable_adapters
 from tunesmith.recipes import dpo_single_device as recipe
-from recipe_helpers import run_until_checkpoint, write_splits
+from recipe_helpers import make_pairs, run_until_checkpoint
 from tunesmith.training.config import build_config, load_yaml
 from tunesmith.training.preference import Reference, sequence_logprobs
 
-WORDS = "red green blue cat dog fish one two three four five apple pear plum tree river stone cloud".split()
-
-
-def make_pairs(n: int, seed: int) -> list[dict]:
-    """Prefer repeating the words twice over saying them once, reversed."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        words = rng.sample(WORDS, rng.randint(2, 4))
-        text = " ".join(words)
-        out.append({"prompt": f"Repeat the words twice.\n\n{text}", "chosen": f"{text} {text}",
-                    "rejected": " ".join(reversed(words))})
-    return out
-
-
 @pytest.fixture(scope="module")
-def pref_data(tmp_path_factory) -> dict[str, Path]:
-    return write_splits(tmp_path_factory.mktemp("pref_data"), make_pairs)
+def pref_data(tiny_pref_data) -> dict[str, Path]:
+    return tiny_pref_data
 
 
 def make_cfg(model_dir: Path, data: dict[str, Path], out: Path, **overrides) -> recipe.Config:

@@ -88,8 +88,8 @@ def shard_model(
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     kwargs: dict[str, Any] = {"mesh": env.mesh, "mp_policy": MixedPrecisionPolicy(param_dtype, reduce_dtype)}
-    if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+    if cpu_offload:  # pinned host memory speeds up the copies to a GPU (and needs one)
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=env.device.type == "cuda")
     for block in model.layers:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
     fully_shard(model, **kwargs)
