@@ -1,6 +1,6 @@
 """Jobs that tests/test_distributed_recipes.py runs under torchrun, several per launch.
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/distributed_jobs.py JOBS.json
+    python -m torch.distributed.run --nproc-per-node 2 tests/distributed_jobs.py JOBS.json [cpu|cuda]
 
 JOBS.json is a list of ``{"job": name, "result": path, ...}``; every rank runs every job in order and
 rank 0 writes each job's result as JSON. The process group is joined once and kept for all jobs
@@ -29,7 +29,7 @@ from tunesmith.training.config import build_config  # noqa: E402
 from tunesmith.training.options import LoRAOptions  # noqa: E402
 from tunesmith.training.process_group import barrier, gather_objects, init_distributed  # noqa: E402
 
-ENV = init_distributed("cpu")
+ENV = init_distributed(sys.argv[2] if len(sys.argv) > 2 else "cpu")
 
 
 def run_recipe(spec: dict) -> dict:

@@ -155,6 +155,14 @@ def run(recipe: str, args: list[str]) -> int:
     module = load_recipe(recipe)
     config_path = resolve_config_path(config)
     cfg = build_config(module.Config, load_yaml(config_path), overrides, yaml_name=str(config_path))
+    if launch:  # refuse here what every process would refuse (once, before torchrun starts them)
+        from tunesmith.training.options import ShardingOptions
+        from tunesmith.training.sharding import check_sharding
+
+        if not isinstance(cfg, ShardingOptions):
+            raise ConfigError(f"{recipe} runs on one device; {launch[0]} needs a distributed recipe "
+                              "(lora_distributed, qlora_distributed, dpo_distributed, full_finetune_distributed)")
+        check_sharding(cfg, sharded=True, world_size=launch_world_size(launch))
     if dry_run:
         print(to_yaml(cfg), end="")
         if hasattr(module, "estimate_memory"):

@@ -367,19 +367,9 @@ def estimate_run_memory(cfg: Any, world_size: int = 1) -> MemoryEstimate:
         cfg: The recipe's resolved config.
         world_size: Processes of the launch (``--nproc-per-node`` × ``--nnodes``).
     """
-    _check_split(cfg.batch_size, world_size)
     settings = _run_settings(cfg, world_size)
     return estimate(model_config(cfg.model), batch_size=cfg.batch_size, seq_len=cfg.data.max_seq_len,
                     full=not hasattr(cfg, "lora"), **settings)
-
-
-def _check_split(batch_size: int, world_size: int) -> None:
-    """The run itself would refuse a global micro-batch that does not split over the processes: so does the estimate."""
-    from tunesmith.training.config import ConfigError
-
-    if batch_size % world_size:
-        raise ConfigError(f"batch_size={batch_size} must be a multiple of the number of processes ({world_size}): "
-                          "it is the global micro-batch, each process takes batch_size / processes of it")
 
 
 def estimate_preference_memory(cfg: Any, world_size: int = 1) -> MemoryEstimate:
@@ -394,7 +384,6 @@ def estimate_preference_memory(cfg: Any, world_size: int = 1) -> MemoryEstimate:
     """
     from tunesmith.training.preference_losses import build_preference_loss
 
-    _check_split(cfg.batch_size, world_size)
     settings = _run_settings(cfg, world_size) | {"chunk_size": 0}
     shape = model_config(cfg.model)
     rows, seq = (cfg.batch_size, 2 * cfg.data.max_seq_len) if cfg.data.packing else (2 * cfg.batch_size, cfg.data.max_seq_len)

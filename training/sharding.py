@@ -29,25 +29,39 @@ from tunesmith.training.config import ConfigError
 from tunesmith.training.process_group import DistEnv, barrier, sum_tensor_over_ranks
 
 
+def check_sharding(cfg: Any, sharded: bool, world_size: int) -> None:
+    """Refuse, before anything loads, the options a launch cannot honour (each named, with what to do).
+
+    ``tune-run`` calls this before it starts torchrun, the recipes again when they start.
+
+    Raises:
+        ConfigError: an FSDP-only option without torchrun; 8-bit AdamW on FSDP's shards; a global
+            micro-batch that does not split over the processes.
+    """
+    fsdp_only = {"compute_dtype": cfg.compute_dtype, "reduce_dtype": cfg.reduce_dtype, "cpu_offload": cfg.cpu_offload}
+    if not sharded and any(fsdp_only.values()):
+        set_keys = ", ".join(k for k, v in fsdp_only.items() if v)
+        raise ConfigError(f"{set_keys} need FSDP: launch with torchrun, e.g. `tune-run RECIPE --config ... "
+                          "--nproc-per-node 1`")
+    if sharded and cfg.optimizer != "adamw":
+        raise ConfigError(f"optimizer={cfg.optimizer}: bitsandbytes' 8-bit AdamW cannot step FSDP's DTensor shards; "
+                          "use optimizer=adamw (sharding already splits the optimizer state over the processes)")
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the number of processes ({world_size}): "
+                          "it is the global micro-batch, each process takes batch_size / processes of it")
+
+
 def sharding_options(cfg: Any, env: DistEnv) -> dict[str, Any]:
     """``shard_model`` keyword arguments from a config's ``ShardingOptions``, checked against the launch.
 
     Raises:
-        ConfigError: an FSDP-only option without torchrun, or an option a sharded run cannot
-            honour (named, with what to use instead).
+        ConfigError: see ``check_sharding``.
     """
     from tunesmith.training.setup import select_dtype
 
-    fsdp_only = {"compute_dtype": cfg.compute_dtype, "reduce_dtype": cfg.reduce_dtype, "cpu_offload": cfg.cpu_offload}
+    check_sharding(cfg, env.sharded, env.world_size)
     if not env.sharded:
-        if any(fsdp_only.values()):
-            set_keys = ", ".join(k for k, v in fsdp_only.items() if v)
-            raise ConfigError(f"{set_keys} need FSDP: launch with torchrun, e.g. `tune-run RECIPE --config ... "
-                              "--nproc-per-node 1`")
         return {}
-    if cfg.optimizer != "adamw":
-        raise ConfigError(f"optimizer={cfg.optimizer}: bitsandbytes' 8-bit AdamW cannot step FSDP's DTensor shards; "
-                          "use optimizer=adamw (sharding already splits the optimizer state over the processes)")
     compute = select_dtype(cfg.compute_dtype, env.device) if cfg.compute_dtype else None
     reduce = select_dtype(cfg.reduce_dtype, env.device) if cfg.reduce_dtype else None
     return {"param_dtype": compute, "reduce_dtype": reduce, "cpu_offload": cfg.cpu_offload,
