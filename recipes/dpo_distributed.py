@@ -40,7 +40,7 @@ from tunesmith.training.config import to_yaml
 from tunesmith.training.metrics import MetricLogger, SilentLogger, peak_memory_gib
 from tunesmith.training.options import ShardingOptions
 from tunesmith.training.preference import (
-    Reference,
+    build_reference,
     count_pairs,
     evaluate_preferences,
     mean_metrics,
@@ -101,14 +101,11 @@ def main(cfg: Config) -> dict[str, Any]:
     loss_fn = build_preference_loss(cfg.loss, cfg.loss_args)
 
     # The reference is fixed at the starting weights, so it is built before any resume loads trained ones.
-    reference, train_table, val_table = None, None, None
-    if getattr(loss_fn, "needs_reference", True):
-        copy_needed = cfg.full and not cfg.precompute_reference
-        # FSDP: the frozen copy is a second sharded load (1/W of it per rank)
-        reference = Reference(model, frozen_copy(model, base.source, dtype, env, **shard) if copy_needed else None)
-        if cfg.precompute_reference:  # FSDP: each rank computes its share of the table
-            train_table = reference.precompute(train_set, val_batches.collate, cfg.batch_size, env.device, env)
-            val_table = reference.precompute(val_set, val_batches.collate, cfg.batch_size, env.device, env)
+    # FSDP: a frozen copy is a second sharded load (1/W of it per rank); each rank precomputes its share.
+    reference, train_table, val_table = build_reference(
+        model, loss_fn, full=cfg.full, precompute=cfg.precompute_reference, train_set=train_set, val_set=val_set,
+        collate=val_batches.collate, batch_size=cfg.batch_size, device=env.device,
+        frozen_copy=lambda: frozen_copy(model, base.source, dtype, env, **shard), env=env)
     if cfg.resume:
         step = (sharded_checkpoint.resume_dcp(output_dir, model, optimizer, scheduler, env)[0] if cfg.full
                 else resume_latest(output_dir, params, optimizer, scheduler, env=env))

@@ -20,6 +20,7 @@ The loss is chosen by name or import path (``loss=ipo``, ``loss=my_losses.MyLoss
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from tunesmith.training.metrics import MetricLogger, peak_memory_gib
 from tunesmith.training.options import LoRAOptions, RunOptions
 from tunesmith.training.preference import (
     PreferenceDataOptions,
-    Reference,
+    build_reference,
     count_pairs,
     evaluate_preferences,
     mean_metrics,
@@ -117,13 +118,10 @@ def main(cfg: Config) -> dict[str, Any]:
     loss_fn = build_preference_loss(cfg.loss, cfg.loss_args)
 
     # The reference is fixed at the starting weights, so it is built before any resume loads trained ones.
-    reference, train_table, val_table = None, None, None
-    if getattr(loss_fn, "needs_reference", True):
-        copy_needed = cfg.full and not cfg.precompute_reference
-        reference = Reference.copy_of(model) if copy_needed else Reference(model)
-        if cfg.precompute_reference:  # val_batches.collate: one side per row (training rows may be packed)
-            train_table = reference.precompute(train_set, val_batches.collate, cfg.batch_size, device)
-            val_table = reference.precompute(val_set, val_batches.collate, cfg.batch_size, device)
+    reference, train_table, val_table = build_reference(
+        model, loss_fn, full=cfg.full, precompute=cfg.precompute_reference, train_set=train_set, val_set=val_set,
+        collate=val_batches.collate, batch_size=cfg.batch_size, device=device,
+        frozen_copy=lambda: copy.deepcopy(model).eval().requires_grad_(False))
     step = resume_latest(output_dir, params, optimizer, scheduler) if cfg.resume else 0
 
     def save(at_step: int, final: bool = False) -> Path:

@@ -17,23 +17,15 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from tunesmith.recipes import lora_distributed
+from tunesmith.recipes import qlora_single_device
 from tunesmith.recipes.lora_distributed import estimate_memory, main  # noqa: F401  (the entry points)
+from tunesmith.training.options import ShardingOptions
 
 
 @dataclass
-class Config(lora_distributed.Config):
-    """``lora_distributed``'s options with QLoRA defaults (those of ``qlora_single_device``).
-
-    Attributes:
-        quantize_base: True: the adapted layers' frozen weights are NF4 (see ``tunesmith.models.nf4``).
-        dtype: ``bf16``: adapters, norms, embeddings and activations; NF4 weights dequantize to it.
-        output_dir: Default folder for checkpoints.
-    """
-
-    quantize_base: bool = True
-    dtype: str = "bf16"
-    output_dir: str = "output/qlora"
+class Config(ShardingOptions, qlora_single_device.Config):
+    """``qlora_single_device``'s options (the LoRA options with QLoRA defaults: ``quantize_base=true``,
+    ``dtype=bf16``) plus FSDP2's: ``lora_distributed.Config`` with QLoRA defaults."""
 
 
 if __name__ == "__main__":

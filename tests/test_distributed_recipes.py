@@ -67,18 +67,9 @@ def torchrun(tmp: Path, jobs: list[dict], nproc: int = 2, device: str = "cpu") -
 @pytest.fixture(scope="module")
 def big_llama_dir(tmp_path_factory) -> Path:
     """A Llama with 1.8M parameters (7 MB in fp32): big enough that one full-size gradient copy shows."""
-    import transformers
+    from conftest import save_hf_llama
 
-    from conftest import make_tokenizer_dir
-
-    path = tmp_path_factory.mktemp("big_llama")
-    vocab = make_tokenizer_dir(path)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=2, pad_token_id=0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_hf_llama(tmp_path_factory.mktemp("big_llama"), hidden_size=256, intermediate_size=768)
 
 
 @pytest.fixture(scope="module")

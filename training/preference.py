@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -209,12 +208,6 @@ class Reference:
     def __init__(self, model: nn.Module, frozen_copy: nn.Module | None = None) -> None:
         self.model, self.frozen_copy = model, frozen_copy
 
-    @classmethod
-    def copy_of(cls, model: nn.Module) -> Reference:
-        """A reference that is a frozen deep copy of ``model`` as it is now (full-weights training)."""
-        frozen = copy.deepcopy(model).eval().requires_grad_(False)
-        return cls(model, frozen)
-
     @torch.no_grad()
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Reference log-probs [2b] of a batch, computed now."""
@@ -253,6 +246,37 @@ class Reference:
         if table is not None:
             return table[pair_index(batch)].T.reshape(-1)  # [p, 2] → chosen, then rejected
         return self.forward(batch)
+
+
+def build_reference(model: nn.Module, loss_fn: Any, *, full: bool, precompute: bool, train_set: Any, val_set: Any,
+                    collate: Callable, batch_size: int, device: torch.device,
+                    frozen_copy: Callable[[], nn.Module] = lambda: None, env: Any = None,
+                    ) -> tuple[Reference | None, Tensor | None, Tensor | None]:
+    """DPO's reference, and with ``precompute`` its tables for the training and held-out pairs.
+
+    Build it before any resume loads trained weights: the reference is the starting model.
+
+    Args:
+        model: The policy, untrained.
+        loss_fn: The preference loss; one with ``needs_reference = False`` gets no reference.
+        full: Every weight trains: the reference is ``frozen_copy()`` (unless precomputed), not
+            the policy with its adapters switched off.
+        precompute: One pass over each set now, instead of a reference forward per step.
+        collate: Batches pairs one side per row (the held-out stream's collate).
+        frozen_copy: Makes a frozen copy of the starting model (a deep copy; a second sharded
+            load under FSDP).
+        env: A distributed run's process group (each rank computes its share of the tables).
+
+    Returns:
+        ``(reference or None, train table or None, held-out table or None)``.
+    """
+    if not getattr(loss_fn, "needs_reference", True):
+        return None, None, None
+    reference = Reference(model, frozen_copy() if full and not precompute else None)
+    if not precompute:
+        return reference, None, None
+    return (reference, reference.precompute(train_set, collate, batch_size, device, env),
+            reference.precompute(val_set, collate, batch_size, device, env))
 
 
 def preference_logprobs(model: nn.Module, batch: dict[str, Tensor], reference: Reference | None,
