@@ -218,12 +218,14 @@ def _hf_source(source: str, env: DistEnv) -> _Source:
                 return f.get_slice(hf_name)[start:end]
         return read
 
-    tensors = []
+    by_file: dict[Path, list[str]] = {}
     for hf_name, path in files.items():
         if table[hf_name] is not None:  # tensors the family table skips (None) are never read
-            with safe_open(path, framework="pt") as f:
-                shape = tuple(f.get_slice(hf_name).get_shape())
-            tensors.append((table[hf_name], shape, reader(path, hf_name)))
+            by_file.setdefault(path, []).append(hf_name)
+    tensors = []
+    for path, hf_names in by_file.items():  # each file's header once
+        with safe_open(path, framework="pt") as f:
+            tensors += [(table[n], tuple(f.get_slice(n).get_shape()), reader(path, n)) for n in hf_names]
     return _Source(family, cls, cfg, tensors, str(model_dir))
 
 
