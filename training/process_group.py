@@ -84,6 +84,7 @@ def teardown(env: DistEnv) -> None:
 
 
 def barrier(env: DistEnv) -> None:
+    """Wait until every rank is here (a no-op for one process)."""
     if env.sharded:
         dist.barrier()
 

@@ -29,6 +29,7 @@ from tunesmith.training.checkpointing import (
     CheckpointError,
     TrainingState,
     atomic_write_text,
+    rank_rng_state,
     rng_state,
     set_rng_state,
     step_dir_name,
@@ -176,8 +177,7 @@ def resume_dcp(output_dir: str | Path, model: nn.Module, optimizer: torch.optim.
     raw = torch.load(ckpt / "training_state.pt", weights_only=True)
     state = TrainingState(**raw)
     scheduler.load_state_dict(state.scheduler)
-    own_rng = ckpt / "rng" / f"rank_{env.rank}.pt"  # a rank that did not exist before takes rank 0's
-    set_rng_state(torch.load(own_rng, weights_only=True) if own_rng.is_file() else state.rng)
+    set_rng_state(rank_rng_state(ckpt, state, env.rank))  # a rank new to the run derives its own
     if env.is_main:
         print(f"resumed from {ckpt} at step {state.step}")
     return state.step, state.micro_batches
