@@ -231,3 +231,63 @@ def preference_collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor
     batch = pad_collate(rows, pad_id)
     batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
     return batch
+
+
+def pack_pairs(items: list[dict], row_len: int) -> list[dict]:
+    """Greedily pack whole pairs, both sides, into rows of at most ``row_len`` tokens.
+
+    A row is ``[chosen₀ rejected₀ chosen₁ rejected₁ …]``: positions restart for every response
+    and ``document_ids`` give chosen of slot k the id 2k and rejected 2k + 1, so attention stays
+    inside each response and the log-probs are summed per document. A pair never spans two rows,
+    so a row holds every pair it starts (the unit a process takes under FSDP). Pairs are taken in
+    order; a row is closed when the next pair does not fit (a pair longer than ``row_len`` gets a
+    row of its own).
+
+    Returns:
+        Rows ``{"tokens", "labels", "positions", "document_ids": list[int], "pairs": list[int]}``;
+        ``pairs`` holds the dataset ``index`` of each pair in the row, slot by slot.
+    """
+    rows: list[dict] = []
+    row: dict = {"tokens": [], "labels": [], "positions": [], "document_ids": [], "pairs": []}
+    for item in items:
+        size = len(item["chosen_tokens"]) + len(item["rejected_tokens"])
+        if row["pairs"] and len(row["tokens"]) + size > row_len:
+            rows.append(row)
+            row = {"tokens": [], "labels": [], "positions": [], "document_ids": [], "pairs": []}
+        slot = len(row["pairs"])
+        for side, doc in (("chosen", 2 * slot), ("rejected", 2 * slot + 1)):
+            tokens = item[f"{side}_tokens"]
+            row["tokens"] += tokens
+            row["labels"] += item[f"{side}_labels"]
+            row["positions"] += list(range(len(tokens)))
+            row["document_ids"] += [doc] * len(tokens)
+        row["pairs"].append(item["index"])
+    if row["pairs"]:
+        rows.append(row)
+    return rows
+
+
+def packed_pairs_collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack ``pack_pairs`` rows into tensors [r, s], right-padded to the longest row.
+
+    Padding gets a document id of its own (2 × the row's pairs) and labels -100.
+
+    Returns:
+        ``{"tokens", "labels", "positions", "document_ids"}`` [r, s], ``lengths`` [r] (real tokens
+        per row) and ``pairs`` [r, k] (dataset index of slot j of each row, -1 where a row has fewer).
+    """
+    seq_len = max(len(r["tokens"]) for r in rows)
+    slots = max(len(r["pairs"]) for r in rows)
+    out = {k: torch.zeros((len(rows), seq_len), dtype=torch.long) for k in ("tokens", "labels", "positions", "document_ids")}
+    out["tokens"].fill_(pad_id)
+    out["labels"].fill_(IGNORE_INDEX)
+    out["pairs"] = torch.full((len(rows), slots), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r["tokens"])
+        for key in ("tokens", "labels", "positions", "document_ids"):
+            out[key][b, :n] = torch.tensor(r[key], dtype=torch.long)
+        out["positions"][b, n:] = torch.arange(seq_len - n)
+        out["document_ids"][b, n:] = 2 * len(r["pairs"])
+        out["pairs"][b, : len(r["pairs"])] = torch.tensor(r["pairs"], dtype=torch.long)
+    out["lengths"] = torch.tensor([len(r["tokens"]) for r in rows], dtype=torch.long)
+    return out

@@ -12,7 +12,7 @@ max_len)`` and ``clear_kv_cache()`` (``tunesmith.models.llama.Llama`` and the fa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +76,7 @@ def generate(
     stop_ids: Iterable[int] = (),
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    agree: Callable[[int], int] | None = None,
 ) -> list[int]:
     """Continue one prompt and return only the new tokens.
 
@@ -88,6 +89,8 @@ def generate(
         stop_ids: Generation ends when one of these is produced; the stop token is not returned.
         generator: Random generator for reproducible sampling.
         use_cache: Decode with a KV cache (fast) or by re-running the full sequence each step.
+        agree: Maps each picked token to the one to continue with; processes that generate in
+            lockstep (FSDP: every rank runs every forward) pass rank 0's token to all of them.
 
     Returns:
         The generated token ids (without the prompt and without the stop token).
@@ -115,6 +118,8 @@ def generate(
                 else:
                     logits = _last_logits(model, torch.tensor([prompt_ids + new_tokens], device=device))
                 token = int(sample_next(logits, temperature, top_p, generator))
+                if agree is not None:
+                    token = agree(token)
                 if token in stop:
                     break
                 new_tokens.append(token)

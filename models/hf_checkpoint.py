@@ -2,7 +2,7 @@
 
     load_hf_checkpoint(dir)                     save_hf_checkpoint(model, dir)
       config.json ─► family.config_from_hf        family.config_to_hf ─► config.json
-      *.safetensors, tensor by tensor               merged weights, shard by shard
+      *.safetensors, tensor by tensor               iter_merged_tensors, file by file
         └─ HF name ─► family.hf_to_ours ─► our parameter ─► HF name ─┘
 
 Nothing here knows what a Llama is: each family supplies a small conversion module
@@ -376,35 +376,17 @@ def family_of(model: nn.Module) -> ModuleType:
     return min(matches, key=lambda m: m[0])[1]
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Our parameter name → tensor, with every LoRA update folded into its base weight.
-
-    The model is not modified (``LoRALinear.merged_weight`` builds a new tensor). Adapter
-    tensors are left out; tied parameters appear under every name that uses them.
-    """
-    from tunesmith.models.lora import LoRALinear
-
-    out = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            prefix = f"{name}." if name else ""
-            out[f"{prefix}weight"] = module.merged_weight()
-            del out[f"{prefix}lora_a.weight"], out[f"{prefix}lora_b.weight"]
-    return out
-
-
-def _shards(tensors: dict[str, Tensor], max_bytes: int) -> list[list[str]]:
+def _plan_files(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
     """Split names into consecutive groups of at most ``max_bytes`` (a bigger tensor stands alone)."""
-    shards: list[list[str]] = [[]]
+    files: list[list[str]] = [[]]
     size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
+    for name, nbytes in sizes:
+        if files[-1] and size + nbytes > max_bytes:
+            files.append([])
             size = 0
-        shards[-1].append(name)
+        files[-1].append(name)
         size += nbytes
-    return shards
+    return files
 
 
 def save_hf_checkpoint(
@@ -414,34 +396,42 @@ def save_hf_checkpoint(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
     tokenizer_dir: str | Path | None = None,
+    write_files: bool = True,
 ) -> Path:
     """Write ``model`` as a Hugging Face model directory that ``transformers`` and vLLM load.
 
-    LoRA layers are saved merged (base + scaling · B A) without changing ``model``. A tied model
-    whose output head carries a LoRA update is saved untied: the merged head no longer equals the
-    embedding.
+    The weights come from ``merged_weights.iter_merged_tensors``, one dense tensor at a time:
+    LoRA layers are saved merged (base + scaling · B A; NF4 bases dequantized) without changing
+    ``model``, and each safetensors file is written as soon as its tensors are in, so at most one
+    file's worth (``max_shard_bytes``) is held on the CPU, never the whole merged model. A model
+    sharded with FSDP2 is gathered the same way, tensor by tensor: call this on EVERY rank, with
+    ``write_files`` true on rank 0 only.
+
+    A tied model whose output head carries a LoRA update is saved untied: the merged head no
+    longer equals the embedding.
 
     Args:
-        model: A native model (optionally with ``LoRALinear`` layers, dense or NF4 bases).
+        model: A native model (optionally with ``LoRALinear`` layers, dense or NF4 bases), on one
+            device or sharded by ``fully_shard``.
         out_dir: Directory to create/fill.
         dtype: dtype of the saved tensors; default: the model's embedding dtype.
         max_shard_bytes: Above this total the weights are split into
             ``model-0000x-of-0000y.safetensors`` files plus ``model.safetensors.index.json``.
         tokenizer_dir: Directory whose tokenizer files (``tokenizer.json``, ``tokenizer_config.json``,
             ``special_tokens_map.json``, ``tokenizer.model``, ``generation_config.json``, …) are copied.
+        write_files: False on the ranks of a sharded model that only take part in the gathers.
 
     Returns:
         ``out_dir`` as a Path.
     """
     from tunesmith.models.lora import LoRALinear
+    from tunesmith.models.merged_weights import iter_merged_tensors, merged_tensor_specs
 
     family = family_of(model)
     cfg = model.config
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dtype = dtype or next(model.parameters()).dtype  # the embedding's, for our models
 
-    ours = merged_state_dict(model)
     # A LoRA update on a weight that is shared (a tied output head) makes the merged head differ
     # from the embedding, so the checkpoint must store both: save it untied.
     shared = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.weight_is_shared]
@@ -452,33 +442,45 @@ def save_hf_checkpoint(
                 "switch to save the merged head separately; save the adapter with save_peft_adapter instead"
             )
         cfg = dataclasses.replace(cfg, tie_embeddings=False)
-    # HF name → tensor, in the family table's order, each tensor stored exactly once.
-    hf: dict[str, Tensor] = {}
+    # Our name → the HF name(s) it is stored under, from the family table.
+    to_hf: dict[str, list[str]] = {}
     for hf_name, our_name in family.hf_to_ours(cfg).items():
         if our_name is not None:
-            hf[hf_name] = ours[our_name]
+            to_hf.setdefault(our_name, []).append(hf_name)
+    # The file plan from shapes alone (identical on every rank), in stream order.
+    element = torch.empty((), dtype=dtype).element_size()
+    sizes = [(hf, shape.numel() * element) for ours, shape, _ in merged_tensor_specs(model) for hf in to_hf.get(ours, [])]
+    missing = sorted({hf for names in to_hf.values() for hf in names} - {hf for hf, _ in sizes})
+    if missing:
+        raise ValueError(f"{type(model).__name__} has no parameter for HF tensor(s) {missing[:5]}")
+    files = _plan_files(sizes, max_shard_bytes)
+    file_of = {hf: k for k, names in enumerate(files) for hf in names}
+    if write_files:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [out_dir / SAFETENSORS_SINGLE, out_dir / SAFETENSORS_INDEX, *out_dir.glob("model-*-of-*.safetensors")]:
+            stale.unlink(missing_ok=True)  # a previous save with another shard count must not linger
 
-    for stale in [out_dir / SAFETENSORS_SINGLE, out_dir / SAFETENSORS_INDEX, *out_dir.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)  # a previous save with another shard count must not linger
-    groups = _shards(hf, max_shard_bytes)
+    def file_name(k: int) -> str:
+        return SAFETENSORS_SINGLE if len(files) == 1 else f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
 
-    def to_disk(name: str) -> Tensor:
-        return hf[name].to(device="cpu", dtype=dtype).contiguous()
+    pending: list[dict[str, Tensor]] = [{} for _ in files]
+    for ours, tensor in iter_merged_tensors(model):  # collective under FSDP: every rank iterates
+        if not write_files:
+            continue
+        for hf in to_hf.get(ours, []):
+            k = file_of[hf]
+            pending[k][hf] = tensor.to(device="cpu", dtype=dtype).contiguous()
+            if len(pending[k]) == len(files[k]):  # the file is complete: write it and let it go
+                save_file(pending[k], out_dir / file_name(k), metadata={"format": "pt"})
+                pending[k] = {}
+        del tensor
+    if not write_files:
+        return out_dir
 
-    if len(groups) == 1:
-        save_file({n: to_disk(n) for n in groups[0]}, out_dir / SAFETENSORS_SINGLE, metadata={"format": "pt"})
-    else:
-        weight_map: dict[str, str] = {}
-        total = 0
-        for k, names in enumerate(groups, start=1):
-            fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
-            shard = {n: to_disk(n) for n in names}  # only one shard's converted copy at a time
-            save_file(shard, out_dir / fname, metadata={"format": "pt"})
-            total += sum(t.numel() * t.element_size() for t in shard.values())
-            weight_map.update(dict.fromkeys(names, fname))
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(n for _, n in sizes)},
+                 "weight_map": {hf: file_name(file_of[hf]) for hf, _ in sizes}}
         (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
     config = family.config_to_hf(cfg)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")  # HF's name for the weights' dtype
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -4,8 +4,11 @@
        └─► dropout ─► A (in → r) ─► B (r → out) ─► × alpha / r ─────────┴─► y
 
 ``B`` starts at zero, so a fresh adapter leaves the model unchanged; ``A`` starts like an
-``nn.Linear`` (Kaiming-uniform, a = √5), as PEFT does, so the first gradient step on ``B`` is not
-zero. After training, ``W + (alpha/r) B A`` can be folded into the base weight ("merge") so
+``nn.Linear`` (Kaiming-uniform, a = √5: U(-1/√in, 1/√in)), as PEFT does, so the first gradient
+step on ``B`` is not zero. ``apply_lora`` draws each layer's ``A`` from a generator seeded by
+(seed, layer name) (``lora_a_init``), so the starting adapters do not depend on the device, on
+the order layers are built in, or on how many processes share the model (FSDP: each rank draws a
+layer's whole, small ``A`` and keeps its rows). After training, ``W + (alpha/r) B A`` can be folded into the base weight ("merge") so
 inference costs nothing extra.
 
 ``LoRALinear`` holds the base ``weight`` itself rather than wrapping an ``nn.Linear``, so a
@@ -16,6 +19,7 @@ model's state-dict keys for base weights are the same with or without LoRA
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,11 +92,17 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, quantize_base: bool = False
+        cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, quantize_base: bool = False,
+        init_a: Tensor | None = None,
     ) -> LoRALinear:
         """Wrap an existing ``nn.Linear``, reusing its weight (and bias) Parameter, not a copy.
 
-        The adapter is created on the weight's device and in its dtype.
+        The adapter is created on the weight's device and in its dtype (on the meta device it
+        stays uninitialised: the sharded loader fills it).
+
+        Args:
+            init_a: Starting value of ``A`` [rank, in] (``lora_a_init``); default: drawn from the
+                global RNG like ``nn.Linear``.
         """
         w = linear.weight
         # Build the shell on the meta device so the placeholder base weight costs no memory.
@@ -105,14 +115,19 @@ class LoRALinear(nn.Module):
             module.bias.requires_grad_(False)
         module.lora_a = nn.Linear(linear.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
         module.lora_b = nn.Linear(rank, linear.out_features, bias=False, device=w.device, dtype=w.dtype)
-        module.reset_lora_parameters()
+        if not w.is_meta:
+            module.reset_lora_parameters(init_a)
         if quantize_base:
             module.quantize_base_()
         return module
 
-    def reset_lora_parameters(self) -> None:
-        """A like nn.Linear / PEFT (Kaiming-uniform, a=√5); B = 0 so the update starts at zero."""
-        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+    def reset_lora_parameters(self, init_a: Tensor | None = None) -> None:
+        """A like nn.Linear / PEFT (Kaiming-uniform, a=√5) or ``init_a``; B = 0 so the update starts at zero."""
+        with torch.no_grad():
+            if init_a is None:
+                nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+            else:
+                self.lora_a.weight.copy_(init_a)
         nn.init.zeros_(self.lora_b.weight)
 
     @property
@@ -189,6 +204,19 @@ class LoRALinear(nn.Module):
 
 
 # -- model-level helpers ----------------------------------------------------------------------------
+def lora_a_init(name: str, shape: tuple[int, int], seed: int) -> Tensor:
+    """The starting ``A`` [rank, in] of the adapter on layer ``name``: fp32 on the CPU, cast by the caller.
+
+    Kaiming-uniform with a = √5 (PEFT's and ``nn.Linear``'s statistics: U(-1/√in, 1/√in)), drawn
+    from a generator seeded by a hash of (``seed``, ``name``), so every process and device gets
+    the same values for the same layer, whatever else it has drawn before.
+    """
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    bound = 1.0 / math.sqrt(shape[1])
+    return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=g)
+
+
 def _lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
@@ -202,6 +230,7 @@ def apply_lora(
     alpha: float,
     dropout: float = 0.0,
     quantize_base: bool = False,
+    seed: int = 0,
 ) -> nn.Module:
     """Swap every ``nn.Linear`` whose leaf name is in ``targets`` for a ``LoRALinear``, in place.
 
@@ -220,6 +249,7 @@ def apply_lora(
         alpha: LoRA alpha (update scale is ``alpha / rank``).
         dropout: Dropout on the adapter input.
         quantize_base: Store the adapted layers' base weights as NF4.
+        seed: Seeds each layer's ``A`` together with the layer's name (``lora_a_init``).
 
     Returns:
         The same model object.
@@ -252,7 +282,9 @@ def apply_lora(
         raise LoRATargetError(f"LoRA targets {targets} match no nn.Linear layer in {type(model).__name__}")
     for name, linear in to_swap:
         shared = uses[id(linear.weight)] > 1
-        lora = LoRALinear.from_linear(linear, rank, alpha, dropout, quantize_base=quantize_base and not shared)
+        init_a = None if linear.weight.is_meta else lora_a_init(name, (rank, linear.in_features), seed)
+        lora = LoRALinear.from_linear(linear, rank, alpha, dropout, quantize_base=quantize_base and not shared,
+                                      init_a=init_a)
         lora.weight_is_shared = shared
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, lora)

@@ -58,6 +58,7 @@ def save_peft_adapter(
     alpha: float,
     dropout: float,
     targets: list[str],
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model``'s LoRA adapters so ``peft.PeftModel.from_pretrained(hf_model, out_dir)`` loads them.
 
@@ -69,6 +70,8 @@ def save_peft_adapter(
         alpha: LoRA alpha (PEFT ``lora_alpha``).
         dropout: Adapter dropout (PEFT ``lora_dropout``).
         targets: Our target leaf names; ``output`` is written as HF's ``lm_head``.
+        tensors: The adapter tensors under our names (``lora_state_dict``), when ``model`` holds only
+            shards of them (FSDP: gathered first); default: read from ``model``.
 
     Returns:
         ``out_dir`` as a Path.
@@ -81,7 +84,9 @@ def save_peft_adapter(
     if not layers:
         raise ValueError("model has no LoRA layers to save; call apply_lora first")
     to_hf = _module_names(model)
-    tensors: dict[str, torch.Tensor] = {}
+    own = tensors if tensors is not None else {f"{n}.{ab}.weight": getattr(m, ab).weight for n, m in layers.items()
+                                               for ab in ("lora_a", "lora_b")}
+    out: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         if layer.rank != rank or abs(layer.scaling - alpha / rank) > 1e-12:
             raise ValueError(
@@ -90,8 +95,8 @@ def save_peft_adapter(
         if layer.merged:
             raise ValueError(f"{name}: adapter is merged into the base weight; unmerge() before saving it separately")
         hf = PEFT_PREFIX + to_hf[name]
-        tensors[f"{hf}.lora_A.weight"] = layer.lora_a.weight.detach().to("cpu").contiguous()
-        tensors[f"{hf}.lora_B.weight"] = layer.lora_b.weight.detach().to("cpu").contiguous()
+        out[f"{hf}.lora_A.weight"] = own[f"{name}.lora_a.weight"].detach().to("cpu").contiguous()
+        out[f"{hf}.lora_B.weight"] = own[f"{name}.lora_b.weight"].detach().to("cpu").contiguous()
 
     config: dict[str, Any] = {
         "peft_type": "LORA",
@@ -110,7 +115,7 @@ def save_peft_adapter(
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    save_file(out, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 

@@ -1,6 +1,7 @@
 """Preference optimisation (DPO, IPO, SLiC hinge, robust DPO, SimPO, ORPO) on one device.
 
     load base model + tokenizer ─► LoRA adapters (or train all weights: full=true) ─► tokenize pairs
+                                                                  (data.packing: whole pairs per row)
     reference = the same network with adapters disabled (LoRA) | a frozen copy (full)
                 | a table computed once per dataset pass (precompute_reference=true)
     report held-out reward accuracy (before)
@@ -19,6 +20,7 @@ The loss is chosen by name or import path (``loss=ipo``, ``loss=my_losses.MyLoss
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,18 +32,18 @@ from tunesmith.models import apply_lora
 from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
 from tunesmith.training.config import check_keyword_args, to_dict, to_yaml
-from tunesmith.training.evaluation import sample_answer
 from tunesmith.training.metrics import MetricLogger, peak_memory_gib
 from tunesmith.training.options import LoRAOptions, RunOptions
 from tunesmith.training.preference import (
     PreferenceDataOptions,
-    Reference,
+    build_reference,
+    count_pairs,
     evaluate_preferences,
     mean_metrics,
     pair_metrics,
     preference_batches,
     preference_logprobs,
-    report_preferences,
+    preference_report,
     save_full_checkpoint,
 )
 from tunesmith.training.preference_losses import build_preference_loss, preference_loss_class
@@ -86,6 +88,13 @@ class Config(RunOptions):
         self.loss_args = check_keyword_args(preference_loss_class(self.loss), self.loss_args, "loss_args")
 
 
+def estimate_memory(cfg: Config) -> Any:
+    """Expected peak memory of this run, split by kind (printed by ``tune-run ... --dry-run``)."""
+    from tunesmith.training.memory import estimate_preference_memory
+
+    return estimate_preference_memory(cfg)
+
+
 def main(cfg: Config) -> dict[str, Any]:
     # ---- setup -------------------------------------------------------------------------------------
     device = select_device(cfg.device)
@@ -99,7 +108,8 @@ def main(cfg: Config) -> dict[str, Any]:
     if cfg.full:
         model.requires_grad_(True)
     else:
-        apply_lora(model, cfg.lora.targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
+        apply_lora(model, cfg.lora.targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                   seed=cfg.seed)
     model.activation_checkpointing = cfg.activation_checkpointing
     set_attention(model, cfg.attention)
     keep_freed_host_memory(device)  # CPU: a step's large buffers stay mapped for the next step (after loading)
@@ -112,13 +122,10 @@ def main(cfg: Config) -> dict[str, Any]:
     loss_fn = build_preference_loss(cfg.loss, cfg.loss_args)
 
     # The reference is fixed at the starting weights, so it is built before any resume loads trained ones.
-    reference, train_table, val_table = None, None, None
-    if getattr(loss_fn, "needs_reference", True):
-        copy_needed = cfg.full and not cfg.precompute_reference
-        reference = Reference.copy_of(model) if copy_needed else Reference(model)
-        if cfg.precompute_reference:
-            train_table = reference.precompute(train_set, batches.collate, cfg.batch_size, device)
-            val_table = reference.precompute(val_set, val_batches.collate, cfg.batch_size, device)
+    reference, train_table, val_table = build_reference(
+        model, loss_fn, full=cfg.full, precompute=cfg.precompute_reference, train_set=train_set, val_set=val_set,
+        collate=val_batches.collate, batch_size=cfg.batch_size, device=device,
+        frozen_copy=lambda: copy.deepcopy(model).eval().requires_grad_(False))
     step = resume_latest(output_dir, params, optimizer, scheduler, config=to_dict(cfg)) if cfg.resume else 0
 
     def save(at_step: int, final: bool = False) -> Path:
@@ -130,25 +137,21 @@ def main(cfg: Config) -> dict[str, Any]:
                                        merged_tokenizer_dir=base.tokenizer_dir, **common)
 
     def held_out(when: str) -> dict[str, float]:
-        metrics = evaluate_preferences(model, val_batches, loss_fn, reference, device, table=val_table,
-                                       max_batches=cfg.eval_batches)
-        report_preferences(metrics, when)
-        if cfg.sample_max_new_tokens > 0:
-            answer = sample_answer(model, tokenizer, val_set.prompt_messages(0), cfg.sample_max_new_tokens)
-            print(f"sample prompt: {val_set.prompt_messages(0)[-1]['content']}\nsample answer ({when}): {answer}", flush=True)
-        return metrics
+        return preference_report(model, tokenizer, val_batches, val_set, loss_fn, reference, device, when=when,
+                                 table=val_table, max_batches=cfg.eval_batches, max_new_tokens=cfg.sample_max_new_tokens)
 
     # ---- before ------------------------------------------------------------------------------------
     before = held_out("before") if step == 0 else {}
     logger = MetricLogger(output_dir / "tensorboard" if cfg.tensorboard else None, total_steps, start_step=step)
     losses: list[float] = []
+    grad_norms: list[float] = []
 
     # ---- training loop -----------------------------------------------------------------------------
     model.train()
     while step < total_steps:
         logger.start_step()
         micro = [batches[step * cfg.grad_accum_steps + i] for i in range(cfg.grad_accum_steps)]
-        num_pairs = sum(len(mb["index"]) for mb in micro)  # the step's loss is the mean over all its pairs
+        num_pairs = sum(count_pairs(mb) for mb in micro)  # the step's loss is the mean over all its pairs
         per_pair = []
         for mb in micro:
             mb = to_device(mb, device)
@@ -164,6 +167,7 @@ def main(cfg: Config) -> dict[str, Any]:
 
         m = mean_metrics(per_pair)
         losses.append(m["loss"])
+        grad_norms.append(float(grad_norm))
         tokens_seen = sum(int(mb["lengths"].sum()) for mb in micro)
         logger.log(step, {
             "train/loss": m["loss"], "train/reward_acc": m["reward_acc"], "train/margin": m["margin"],
@@ -189,7 +193,8 @@ def main(cfg: Config) -> dict[str, Any]:
     final_dir = save(step, final=True)
     what = "model" if cfg.full else "adapter"
     print(f"{what} checkpoint saved to {final_dir}" + (f"; merged model in {final_dir / 'merged'}" if cfg.save_merged else ""))
-    return {"losses": losses, "held_out_before": before, "held_out_after": after, "checkpoint": final_dir}
+    return {"losses": losses, "grad_norms": grad_norms, "held_out_before": before, "held_out_after": after,
+            "checkpoint": final_dir}
 
 
 if __name__ == "__main__":

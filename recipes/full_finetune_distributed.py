@@ -4,7 +4,7 @@
     report held-out loss and a sample answer (before)
     for step in steps:
         take grad_accum_steps global micro-batches; count their labelled tokens N; each rank takes its rows
-        for each micro-batch:  loss = Σ my token losses / N · W ;  backward (reduce-scatter on the last only)
+        for each micro-batch:  loss = Σ my token losses / N · W ;  backward (reduce-scatters into my shards)
         clip the global grad norm ; AdamW step on my shards ; LR schedule step
         log (loss, lr, grad norm, tokens/s, memory) ; every eval_every: held-out loss
         every save_every: sharded checkpoint (model, optimizer, schedule, RNG, data position)
@@ -16,52 +16,43 @@ full_finetune_distributed.py --config ...`` directly. Without torchrun it runs a
 process (no FSDP), which is also how the tests check that sharding changes nothing.
 
 ``batch_size`` is the GLOBAL micro-batch: W processes each take ``batch_size / W`` of its rows, so
-the same config gives the same updates on any number of processes.
+the same config gives the same updates on any number of processes. Every micro-batch's backward
+reduce-scatters its gradients, so between micro-batches each rank keeps only its 1/W of them.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-import torch
+from typing import Any
 
 from tunesmith.models.host_memory import keep_freed_host_memory
-from tunesmith.training import distributed as dist_utils
+from tunesmith.training import sharded_checkpoint
 from tunesmith.training.checkpointing import remove_stale_temp_dirs
-from tunesmith.training.config import ConfigError, Refuse, check_keyword_args, to_dict, to_yaml
+from tunesmith.training.config import check_keyword_args, to_dict, to_yaml
 from tunesmith.training.evaluation import evaluate_loss, held_out_report
 from tunesmith.training.losses import IGNORE_INDEX, loss_class
-from tunesmith.training.metrics import MetricLogger, peak_memory_gib
-from tunesmith.training.options import FP16_REFUSED, DataOptions, RunOptions
+from tunesmith.training.metrics import MetricLogger, SilentLogger, peak_memory_gib
+from tunesmith.training.options import DataOptions, RunOptions, ShardingOptions
+from tunesmith.training.process_group import init_distributed, rank_slice, seed_everything, sum_over_ranks, teardown
 from tunesmith.training.schedules import warmup_cosine
 from tunesmith.training.setup import build_optimizer, select_dtype, set_attention, sft_batches, to_device
+from tunesmith.training.sharding import clip_grad_norm, load_for_training, sharding_options
 
-
-DISTRIBUTED = True  # tune-run may launch it under torchrun (--nproc-per-node ...)
-FsdpDtype = Annotated[Literal["fp32", "bf16"], Refuse(fp16=FP16_REFUSED)]
 
 
 @dataclass
-class Config(RunOptions):
+class Config(ShardingOptions, RunOptions):
     """Options of this recipe (YAML keys and ``key=value`` overrides use these names).
 
     The options every recipe shares (model, output_dir, batch/schedule, evaluation, checkpoints,
-    logging) come from ``RunOptions`` in training/options.py; this recipe adds or re-defaults these.
+    logging) come from ``RunOptions``, the FSDP2 ones (``compute_dtype``, ``reduce_dtype``,
+    ``cpu_offload``, ``reshard_after_forward``) from ``ShardingOptions``, both in training/options.py;
+    this recipe adds or re-defaults these.
 
     Attributes:
         data: Training / held-out data (see ``DataOptions``).
-        compute_dtype: FSDP mixed precision: weights are all-gathered and used in this dtype
-            (``bf16`` with ``dtype=fp32`` keeps fp32 master weights); unset: ``dtype``. Needs torchrun.
-        reduce_dtype: Dtype of the gradient reduce-scatter (``fp32`` for accuracy with bf16
-            compute); unset: ``compute_dtype``. Needs torchrun.
-        cpu_offload: Keep sharded weights, gradients and optimizer state in CPU memory (fits larger
-            models, slower). Needs torchrun.
-        reshard_after_forward: Free each block's gathered weights after forward (less memory);
-            ``false`` keeps them for backward (less communication).
         loss: ``cross_entropy`` or an import path to your own loss class (see training/losses.py).
         loss_args: Keyword arguments for the loss class.
         save_hf: Write the final model in the Hugging Face layout (``step_N/hf``).
@@ -71,10 +62,6 @@ class Config(RunOptions):
 
     data: DataOptions = field(default_factory=DataOptions)
     output_dir: str = "output/full"  # this recipe's default
-    compute_dtype: FsdpDtype | None = None
-    reduce_dtype: FsdpDtype | None = None
-    cpu_offload: bool = False
-    reshard_after_forward: bool = True
     batch_size: int = 8  # this recipe's default
     lr: float = 2e-5  # this recipe's default
     loss: str = "cross_entropy"
@@ -82,43 +69,28 @@ class Config(RunOptions):
     save_hf: bool = True
 
     def validate(self) -> None:
-        """Rules across options, checked by ``build_config`` before anything loads."""
+        """Rules across options, checked by ``build_config`` before anything loads (the launch's
+        rules, e.g. batch_size vs the process count, are ``ShardingOptions.validate``'s)."""
         self.loss_args = check_keyword_args(loss_class(self.loss), self.loss_args, "loss_args")
-        world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun (and by tune-run before launching)
-        if self.batch_size % world:
-            raise ConfigError(f"config key 'batch_size' = {self.batch_size} must be a multiple of the number of "
-                              f"processes ({world}): it is the global micro-batch each process takes a share of")
 
 
-def sharding_options(cfg: Config, env: dist_utils.DistEnv) -> dict[str, Any]:
-    """``shard_model`` keyword arguments from the config; refuses options that do not fit the launch."""
-    fsdp_only = {"compute_dtype": cfg.compute_dtype, "reduce_dtype": cfg.reduce_dtype, "cpu_offload": cfg.cpu_offload}
-    if not env.sharded:
-        if any(fsdp_only.values()):
-            set_keys = ", ".join(k for k, v in fsdp_only.items() if v)
-            raise ConfigError(f"{set_keys} need FSDP: launch with torchrun, e.g. `tune-run full_finetune_distributed "
-                              "--config ... --nproc-per-node 1`")
-        return {}
-    if cfg.optimizer != "adamw":
-        raise ConfigError(f"optimizer={cfg.optimizer} does not take FSDP's sharded weights; use optimizer=adamw "
-                          "(sharding already splits the optimizer state over the processes)")
-    compute = select_dtype(cfg.compute_dtype, env.device) if cfg.compute_dtype else None
-    reduce = select_dtype(cfg.reduce_dtype, env.device) if cfg.reduce_dtype else None
-    return {"param_dtype": compute, "reduce_dtype": reduce, "cpu_offload": cfg.cpu_offload,
-            "reshard_after_forward": cfg.reshard_after_forward}
+def estimate_memory(cfg: Config, world_size: int = 1) -> Any:
+    """Expected peak memory per rank on ``world_size`` processes (printed by ``tune-run ... --dry-run``)."""
+    from tunesmith.training.memory import estimate_run_memory
+
+    return estimate_run_memory(cfg, world_size=world_size)
 
 
 def main(cfg: Config) -> dict[str, Any]:
     # ---- setup -------------------------------------------------------------------------------------
-    env = dist_utils.init_distributed(cfg.device)
+    env = init_distributed(cfg.device)
     dtype = select_dtype(cfg.dtype, env.device)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed, env)
     output_dir = Path(cfg.output_dir)
     if env.is_main:
         remove_stale_temp_dirs(output_dir)  # a save that a dead rank never finished
 
-    base = dist_utils.load_for_training(cfg.model, cfg.tokenizer, cfg.chat_template, dtype, env,
-                                        **sharding_options(cfg, env))
+    base = load_for_training(cfg.model, cfg.tokenizer, cfg.chat_template, dtype, env, **sharding_options(cfg, env))
     model, tokenizer = base.model, base.tokenizer
     model.activation_checkpointing = cfg.activation_checkpointing
     set_attention(model, cfg.attention)
@@ -130,25 +102,24 @@ def main(cfg: Config) -> dict[str, Any]:
     optimizer = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total_steps)
     loss_fn = loss_class(cfg.loss)(**cfg.loss_args)
-    step = (dist_utils.resume_dcp(output_dir, model, optimizer, scheduler, env, config=to_dict(cfg))[0]
+    step = (sharded_checkpoint.resume_dcp(output_dir, model, optimizer, scheduler, env, config=to_dict(cfg))[0]
             if cfg.resume else 0)
 
     def save(at_step: int, final: bool = False) -> Path:
         hf = {"tokenizer_dir": base.tokenizer_dir} if final and cfg.save_hf else None
-        return dist_utils.save_dcp_checkpoint(
+        return sharded_checkpoint.save_dcp_checkpoint(
             output_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
             micro_batches=at_step * cfg.grad_accum_steps, config_yaml=to_yaml(cfg), env=env,
             keep_last=cfg.keep_last, hf_export=hf)
 
-    def held_out(when: str) -> float:
-        with dist_utils.main_rank_prints(env):  # every rank runs the forward passes, rank 0 reports
-            return held_out_report(model, tokenizer, val_batches, val_set, loss_fn, env.device, when=when,
-                                   max_batches=cfg.eval_batches, max_new_tokens=cfg.sample_max_new_tokens)
+    def held_out(when: str) -> float:  # each rank evaluates its share; rank 0 reports
+        return held_out_report(model, tokenizer, val_batches, val_set, loss_fn, env.device, when=when,
+                               max_batches=cfg.eval_batches, max_new_tokens=cfg.sample_max_new_tokens, env=env)
 
     # ---- before ------------------------------------------------------------------------------------
     before = held_out("before") if step == 0 else float("nan")
     log_dir = output_dir / "tensorboard" if cfg.tensorboard else None
-    logger = MetricLogger(log_dir, total_steps, start_step=step) if env.is_main else dist_utils.SilentLogger()
+    logger = MetricLogger(log_dir, total_steps, start_step=step) if env.is_main else SilentLogger()
     losses: list[float] = []
     grad_norms: list[float] = []  # before clipping: shows a wrong gradient scale that AdamW would hide
 
@@ -159,15 +130,14 @@ def main(cfg: Config) -> dict[str, Any]:
         micro = [batches[step * cfg.grad_accum_steps + i] for i in range(cfg.grad_accum_steps)]  # global
         num_labelled = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro)  # N for the whole step
         step_loss = 0.0
-        for i, mb in enumerate(micro):
-            dist_utils.set_gradient_sync(model, i == len(micro) - 1)  # reduce-scatter once per step
-            mb = to_device(dist_utils.rank_slice(mb, env), env.device)
+        for mb in micro:
+            mb = to_device(rank_slice(mb, env), env.device)
             hidden = model.hidden_states(mb["tokens"], positions=mb.get("positions"), document_ids=mb.get("document_ids"))
             loss = loss_fn(hidden, mb["labels"], model.logits) / max(1, num_labelled)
             (loss * env.world_size).backward()  # FSDP averages over ranks; × W makes it the sum
             step_loss += loss.item()
-        step_loss = dist_utils.sum_over_ranks(step_loss, env)
-        grad_norm = dist_utils.clip_grad_norm(params, cfg.max_grad_norm)
+        step_loss = sum_over_ranks(step_loss, env)
+        grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -180,7 +150,7 @@ def main(cfg: Config) -> dict[str, Any]:
                           "train/grad_norm": grad_norm, "train/tokens_per_s": logger.tokens_per_second(tokens_seen),
                           "train/peak_mem_gib": peak_memory_gib(env.device)})
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            val_loss = evaluate_loss(model, val_batches, loss_fn, env.device, max_batches=cfg.eval_batches)
+            val_loss = evaluate_loss(model, val_batches, loss_fn, env.device, max_batches=cfg.eval_batches, env=env)
             logger.log(step, {"val/loss": val_loss}, advance=False)
             logger.write(f"step {step}: held-out loss {val_loss:.4f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
@@ -192,7 +162,7 @@ def main(cfg: Config) -> dict[str, Any]:
     final_dir = save(step, final=True)
     if env.is_main:
         print(f"sharded checkpoint in {final_dir / 'sharded'}" + (f"; HF model in {final_dir / 'hf'}" if cfg.save_hf else ""))
-    dist_utils.teardown(env)
+    teardown(env)
     return {"losses": losses, "grad_norms": grad_norms, "held_out_before": before, "held_out_after": after, "checkpoint": final_dir}
 
 

@@ -118,7 +118,7 @@ def main(cfg: Config) -> dict[str, Any]:
     base = load_model_and_tokenizer(cfg.model, cfg.tokenizer, dtype, device, cfg.chat_template, nf4_targets)
     model, tokenizer = base.model, base.tokenizer
     apply_lora(model, cfg.lora.targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-               quantize_base=cfg.quantize_base)
+               quantize_base=cfg.quantize_base, seed=cfg.seed)
     model.activation_checkpointing = cfg.activation_checkpointing
     set_attention(model, cfg.attention)
     keep_freed_host_memory(device)  # CPU: a step's large buffers stay mapped for the next step (after loading)
@@ -149,6 +149,7 @@ def main(cfg: Config) -> dict[str, Any]:
     before = held_out("before") if step == 0 else float("nan")
     logger = MetricLogger(output_dir / "tensorboard" if cfg.tensorboard else None, total_steps, start_step=step)
     losses: list[float] = []
+    grad_norms: list[float] = []
 
     # ---- training loop -----------------------------------------------------------------------------
     model.train()
@@ -170,6 +171,7 @@ def main(cfg: Config) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         losses.append(step_loss)
+        grad_norms.append(float(grad_norm))
 
         tokens_seen = sum(int(mb["lengths"].sum()) for mb in micro)
         logger.log(step, {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
@@ -187,7 +189,8 @@ def main(cfg: Config) -> dict[str, Any]:
     after = held_out("after")
     final_dir = save(step, final=True)
     print(f"adapter saved to {final_dir / 'adapter'}" + (f"; merged model in {final_dir / 'merged'}" if cfg.save_merged else ""))
-    return {"losses": losses, "held_out_before": before, "held_out_after": after, "checkpoint": final_dir}
+    return {"losses": losses, "grad_norms": grad_norms, "held_out_before": before, "held_out_after": after,
+            "checkpoint": final_dir}
 
 
 if __name__ == "__main__":

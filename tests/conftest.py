@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -53,21 +54,26 @@ def make_records(n: int, seed: int) -> list[dict]:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """An HF-layout folder: config.json, model.safetensors, tokenizer files (a random 2-layer Llama)."""
+def save_hf_llama(path: Path, **config: Any) -> Path:
+    """A random 2-layer Llama built by ``transformers`` in ``path`` with the test tokenizer; ``config``
+    overrides its ``LlamaConfig`` fields."""
     import transformers
 
-    path = tmp_path_factory.mktemp("tiny_llama")
     vocab = make_tokenizer_dir(path)
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    fields = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
         bos_token_id=None, eos_token_id=2, pad_token_id=0,
     )
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**fields, **config})).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """An HF-layout folder: config.json, model.safetensors, tokenizer files (a random 2-layer Llama)."""
+    return save_hf_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +82,11 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
     from recipe_helpers import write_splits
 
     return write_splits(tmp_path_factory.mktemp("tiny_data"), make_records)
+
+
+@pytest.fixture(scope="session")
+def tiny_pref_data(tmp_path_factory) -> dict[str, Path]:
+    """Train and held-out JSONL preference pairs (repeat twice ≻ say once, reversed)."""
+    from recipe_helpers import make_pairs, write_splits
+
+    return write_splits(tmp_path_factory.mktemp("tiny_pref_data"), make_pairs)

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from tunesmith.training import checkpointing
+from tunesmith.training import checkpointing, sharded_checkpoint
+
+WORDS = "red green blue cat dog fish one two three four five apple pear plum tree river stone cloud".split()
+
+
+def make_pairs(n: int, seed: int) -> list[dict]:
+    """Preference pairs: prefer repeating the words twice over saying them once, reversed."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = rng.sample(WORDS, rng.randint(2, 4))
+        text = " ".join(words)
+        out.append({"prompt": f"Repeat the words twice.\n\n{text}", "chosen": f"{text} {text}",
+                    "rejected": " ".join(reversed(words))})
+    return out
 
 
 def write_splits(path: Path, make: Callable[[int, int], list[dict]]) -> dict[str, Path]:
@@ -25,17 +40,23 @@ class StoppedAfterSave(Exception):
 
 
 def run_until_checkpoint(monkeypatch: pytest.MonkeyPatch, run: Callable[[], Any], stop_step: int) -> None:
-    """Call ``run()`` and stop it right after the checkpoint of ``stop_step`` is on disk."""
-    real_save = checkpointing.save_checkpoint
+    """Call ``run()`` and stop it right after the checkpoint of ``stop_step`` is on disk.
 
-    def save_then_stop(output_dir, step, **kw):
-        path = real_save(output_dir, step, **kw)
-        if step == stop_step:
-            raise StoppedAfterSave
-        return path
+    Covers both checkpoint writers: ``checkpointing.save_checkpoint`` (single-device format, also
+    gathered LoRA checkpoints) and ``sharded_checkpoint.save_dcp_checkpoint`` (full weights, DCP).
+    """
+
+    def stopping(real: Callable[..., Any]) -> Callable[..., Any]:
+        def save_then_stop(output_dir, step, **kw):
+            path = real(output_dir, step, **kw)
+            if step == stop_step:
+                raise StoppedAfterSave
+            return path
+        return save_then_stop
 
     with monkeypatch.context() as patch:
-        patch.setattr(checkpointing, "save_checkpoint", save_then_stop)
+        patch.setattr(checkpointing, "save_checkpoint", stopping(checkpointing.save_checkpoint))
+        patch.setattr(sharded_checkpoint, "save_dcp_checkpoint", stopping(sharded_checkpoint.save_dcp_checkpoint))
         with pytest.raises(StoppedAfterSave):
             run()
 

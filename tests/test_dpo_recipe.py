@@ -3,7 +3,6 @@ preference is learned, a custom loss plugs in from YAML, resume is exact, the fu
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -16,28 +15,13 @@ from tunesmith.data.preference import PreferenceDataset, preference_collate
 from tunesmith.models import apply_lora, load_pretrained
 from tunesmith.models.lora import disable_adapters
 from tunesmith.recipes import dpo_single_device as recipe
-from recipe_helpers import run_until_checkpoint, write_splits
+from recipe_helpers import make_pairs, run_until_checkpoint
 from tunesmith.training.config import build_config, load_yaml
 from tunesmith.training.preference import Reference, sequence_logprobs
 
-WORDS = "red green blue cat dog fish one two three four five apple pear plum tree river stone cloud".split()
-
-
-def make_pairs(n: int, seed: int) -> list[dict]:
-    """Prefer repeating the words twice over saying them once, reversed."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        words = rng.sample(WORDS, rng.randint(2, 4))
-        text = " ".join(words)
-        out.append({"prompt": f"Repeat the words twice.\n\n{text}", "chosen": f"{text} {text}",
-                    "rejected": " ".join(reversed(words))})
-    return out
-
-
 @pytest.fixture(scope="module")
-def pref_data(tmp_path_factory) -> dict[str, Path]:
-    return write_splits(tmp_path_factory.mktemp("pref_data"), make_pairs)
+def pref_data(tiny_pref_data) -> dict[str, Path]:
+    return tiny_pref_data
 
 
 def make_cfg(model_dir: Path, data: dict[str, Path], out: Path, **overrides) -> recipe.Config:
@@ -143,3 +127,26 @@ def test_reference_free_loss_trains(tiny_llama_dir, pref_data, tmp_path):
                                   loss_args={"beta": 2.0, "gamma": 0.5}))
     assert result["held_out_after"]["reward_acc"] > result["held_out_before"]["reward_acc"]
     assert result["held_out_after"]["ref_logp_chosen"] == 0.0  # no reference pass was made
+
+
+def test_packed_pairs_give_each_response_the_log_prob_it_has_alone(tiny_llama_dir):
+    """data.packing: whole pairs share a row with per-response attention and positions; the summed
+    log-probs (and token counts) per response equal the plain batch's, pair by pair."""
+    from tunesmith.data.preference import pack_pairs, packed_pairs_collate
+    from tunesmith.training.preference import count_pairs, pair_index, policy_logprobs
+
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    dataset = PreferenceDataset(make_pairs(7, 11), tokenizer)
+    model = load_pretrained(str(tiny_llama_dir)).eval()
+    rows = pack_pairs(dataset.items, 128)
+    assert len(rows) < len(dataset) and max(len(r["pairs"]) for r in rows) >= 2  # really packed
+    packed = packed_pairs_collate(rows, tokenizer.pad_id)
+    plain = preference_collate([dataset[i] for i in range(len(dataset))], tokenizer.pad_id)
+    assert count_pairs(packed) == len(dataset) and sorted(pair_index(packed).tolist()) == list(range(len(dataset)))
+    with torch.no_grad():
+        logps, counts = policy_logprobs(model, packed)
+        expected, expected_counts = policy_logprobs(model, plain)
+    order = pair_index(packed)  # packed pairs come out in row order: reorder the plain ones to match
+    b = len(dataset)
+    torch.testing.assert_close(logps, torch.cat([expected[:b][order], expected[b:][order]]), atol=1e-4, rtol=0)
+    assert torch.equal(counts, torch.cat([expected_counts[:b][order], expected_counts[b:][order]]))

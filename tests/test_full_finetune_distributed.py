@@ -20,9 +20,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tunesmith.models import load_pretrained
+from tunesmith.models import load_pretrained, save_hf_checkpoint
 from tunesmith.recipes import full_finetune_distributed as recipe
-from tunesmith.training import distributed as dist_utils
+from tunesmith.training.process_group import init_distributed
+from tunesmith.training.sharded_checkpoint import list_dcp_checkpoints, resume_dcp
 from tunesmith.training.config import ConfigError, build_config
 from tunesmith.training.schedules import warmup_cosine
 
@@ -163,9 +164,9 @@ def test_hf_export_loads_in_transformers_with_our_logits(runs, tiny_llama_dir, t
 
     ours = load_pretrained(tiny_llama_dir)  # the untrained start, then the trained weights from DCP
     optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-3)
-    env = dist_utils.init_distributed("cpu")
+    env = init_distributed("cpu")
     # The 2-process final checkpoint (saved right after the held-out pass), resharded onto one process.
-    step, micro = dist_utils.resume_dcp(runs["tmp"] / "two", ours, optimizer, warmup_cosine(optimizer, 1, STEPS), env)
+    step, micro = resume_dcp(runs["tmp"] / "two", ours, optimizer, warmup_cosine(optimizer, 1, STEPS), env)
     assert (step, micro) == (STEPS, 2 * STEPS)
     tokens = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -174,7 +175,7 @@ def test_hf_export_loads_in_transformers_with_our_logits(runs, tiny_llama_dir, t
     assert (untrained - ours(tokens)).abs().max() > 1e-3  # the checkpoint holds trained weights
 
     # Above max_shard_bytes the export splits into model-0000k-of-0000n files + an index.
-    split = dist_utils.export_hf_checkpoint(ours, tmp_path / "split", env, max_shard_bytes=100_000)
+    split = save_hf_checkpoint(ours, tmp_path / "split", max_shard_bytes=100_000)
     assert len(list(split.glob("model-*-of-*.safetensors"))) > 1 and (split / "model.safetensors.index.json").is_file()
     with torch.no_grad():
         torch.testing.assert_close(load_pretrained(split)(tokens), ours(tokens), atol=0, rtol=0)
@@ -184,7 +185,7 @@ def test_dead_rank_leaves_last_checkpoint_and_resume_matches(runs, tiny_llama_di
     tmp = runs["tmp"]
     assert runs["crash_code"] != 0, runs["crash_log"][-2000:]
     crash = tmp / "crash"
-    assert [p.name for p in dist_utils.list_dcp_checkpoints(crash)] == ["step_000002"]
+    assert [p.name for p in list_dcp_checkpoints(crash)] == ["step_000002"]
     assert (crash / "LATEST").read_text().strip() == "step_000002"
     # Also a save that died half-way: its temp folder must be ignored and cleaned up.
     (crash / ".tmp-step_000004" / "sharded").mkdir(parents=True)

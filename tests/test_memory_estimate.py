@@ -86,7 +86,11 @@ def test_weight_adapter_and_optimizer_terms_match_real_tensors(quantize_base, op
                                                           t.quantization_factor, t.scaler_mean, t.nf4))
 
     base = sum(nbytes(p) for n, p in model.named_parameters() if "lora_" not in n)
-    assert abs(est.weights - base) <= 0.01 * base, f"weights: estimate {est.weights / GIB:.4f} vs {base / GIB:.4f} GiB"
+    held = est.weights + est.nf4
+    assert abs(held - base) <= 0.01 * base, f"weights: estimate {held / GIB:.4f} vs {base / GIB:.4f} GiB"
+    if quantize_base:  # the NF4 term alone, to the byte: codes, block scales, group factors, mean, levels
+        nf4_held = sum(nbytes(p) for n, p in model.named_parameters() if "lora_" not in n and hasattr(p, "quantized_data"))
+        assert est.nf4 == nf4_held
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(trainable, optimizer, lr=1e-3, weight_decay=0.0)

@@ -127,7 +127,9 @@ def test_dense_checkpoint_loads_into_qlora_model():
     qlora.load_state_dict(other, strict=False)  # strict=False: the adapters are not in `other`
     k = qlora.layers[1].attn.k_proj.weight
     assert nf4.is_nf4(k)
-    assert torch.equal(nf4.dequantize(k), nf4.dequantize(nf4.to_nf4(other["layers.1.attn.k_proj.weight"])))
+    # torchao re-quantizes with its own float32 mean of the scales; ours sums in float64 (≤ 1 ulp apart).
+    torch.testing.assert_close(nf4.dequantize(k), nf4.dequantize(nf4.to_nf4(other["layers.1.attn.k_proj.weight"])),
+                               atol=1e-7, rtol=0)
 
 
 def test_bf16_qlora_forward_backward():
@@ -156,11 +158,40 @@ def test_tied_output_stays_dense():
     assert model.output.weight is model.tok_embeddings.weight and not nf4.is_nf4(model.output.weight)
 
 
-def test_scale_group_adapts_to_real_shapes_and_bad_sizes_error():
-    # SmolLM2-135M's q_proj (576×576) has 5184 blocks of 64: not a multiple of 256.
+def test_scale_groups_end_at_row_ends_and_bad_sizes_error():
+    # SmolLM2-135M's q_proj (576×576): 9 blocks of 64 per row, so groups of 9 scales (never two rows).
     w = torch.randn(576, 576) * 0.02
     q = nf4.to_nf4(w)
-    assert 5184 % q.scaler_block_size == 0 and q.scaler_block_size == 216
+    assert q.scaler_block_size == 9 and q.quantization_factor.numel() == 576
+    assert nf4.to_nf4(torch.randn(4, 8192)).scaler_block_size == 128  # Llama 70B's width: 128 blocks per row
+    assert nf4.to_nf4(torch.randn(2, 28672)).scaler_block_size == 224  # its down_proj: 448 blocks per row
     assert (nf4.dequantize(q) - w).norm() / w.norm() < 0.12
     with pytest.raises(ValueError, match="my.layer.*multiple of the block size 64"):
         nf4.to_nf4(torch.randn(10, 10), name="my.layer")
+
+
+def test_our_quantizer_is_torchaos_with_row_aligned_groups():
+    """Same levels, codes and scales as torchao's own quantizer at the same group size."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
+
+    w = torch.randn(96, 640, generator=torch.Generator().manual_seed(3)) * 0.02
+    ours, theirs = nf4.to_nf4(w), NF4Tensor.from_tensor(w, 64, 10)
+    assert torch.equal(ours.nf4, theirs.nf4) and torch.equal(ours.quantized_data, theirs.quantized_data)
+    torch.testing.assert_close(ours.scaler_mean, theirs.scaler_mean, atol=0, rtol=3e-7)  # 1-2 float32 ulp
+    torch.testing.assert_close(nf4.dequantize(ours), nf4.dequantize(theirs), atol=1e-7, rtol=0)
+
+
+def test_row_slices_quantized_with_the_global_mean_are_the_whole_weight_to_the_bit():
+    """What each FSDP rank does with its rows (plus the shared mean) reassembles the one-process tensor."""
+    w = torch.randn(96, 576, generator=torch.Generator().manual_seed(4)) * 0.02
+    whole = nf4.to_nf4(w)
+    sums = torch.zeros(96, dtype=torch.float64)
+    for rows in (slice(0, 32), slice(32, 64), slice(64, 96)):  # three "ranks", each summing its own rows
+        sums[rows] = nf4.row_scale_sums(w[rows])
+    mean = nf4.scale_mean(sums, w.numel() // 64, w.dtype)
+    parts = [nf4.to_nf4(w[r], mean=mean) for r in (slice(0, 32), slice(32, 64), slice(64, 96))]
+    for buffer in ("quantized_data", "quantized_scalers", "quantization_factor"):
+        assert torch.equal(torch.cat([getattr(p, buffer) for p in parts]), getattr(whole, buffer)), buffer
+    assert torch.equal(mean, whole.scaler_mean)
+    with pytest.raises(ValueError, match="96 rows do not split evenly over 5 processes"):
+        nf4.check_shardable((96, 576), 5, "layers.0.attn.q_proj.weight")

@@ -134,7 +134,7 @@ def test_adamw8bit_keeps_8bit_state_and_tracks_adamw(tiny_llama_dir, tiny_data, 
     assert {opt.state[p]["state1"].dtype, opt.state[p]["state2"].dtype} == {torch.uint8}
 
     losses = torch.tensor(q8["losses"])
-    assert losses[-3:].mean() < 0.7 * losses[:3].mean()  # it trains
+    assert losses[-3:].mean() < 0.8 * losses[:3].mean()  # it trains (AdamW itself: 0.71 in these 20 steps)
     # Same trajectory within a few percent: 8-bit state quantization perturbs each update slightly.
     rel = ((losses - torch.tensor(ref)).abs() / torch.tensor(ref)).max()
     assert rel < 0.05, f"8-bit AdamW losses drift {rel:.3f} from AdamW's"

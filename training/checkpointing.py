@@ -23,6 +23,12 @@ new); run-length and bookkeeping options (max_steps, eval_every, save_every, kee
 speed switches) may change. A newest checkpoint that cannot be read (a truncated file) is refused
 too, naming the file and the previous complete checkpoint to resume from instead: the run never
 falls back to an older one by itself, and a refused run changes and deletes nothing.
+
+Distributed LoRA runs (FSDP2) write the same format: the adapters and their optimizer state are
+small, so every rank gathers them and rank 0 writes full tensors (plus ``rng/rank_R.pt``, each
+rank's RNG). Such a checkpoint resumes on any number of processes, and in the single-device
+recipe; a single-device checkpoint resumes in the distributed recipe. Pass ``env`` (a
+``process_group.DistEnv``) to the functions below for that; without it they are one-process code.
 """
 
 from __future__ import annotations
@@ -105,8 +111,15 @@ def save_checkpoint(
     config_yaml: str,
     extra_writers: dict[str, Callable[[Path], Any]] | None = None,
     keep_last: int = 2,
+    env: Any = None,
+    collective_writers: dict[str, Callable[[Path], Any]] | None = None,
+    rank_rngs: list[dict] | None = None,
 ) -> Path:
     """Write ``output_dir/step_NNNNNN`` atomically and prune older ones.
+
+    With a sharded ``env`` every rank calls this with the same (gathered) arguments: rank 0
+    writes the files and runs ``extra_writers``; ``collective_writers`` run on every rank (they
+    gather, rank 0 writes); the rename happens after every rank is done.
 
     Args:
         output_dir: The run's folder.
@@ -117,23 +130,51 @@ def save_checkpoint(
         extra_writers: ``{subfolder: fn(path)}`` for export formats, e.g. ``{"adapter": save_peft}``.
         keep_last: How many step folders to keep (older ones are deleted after the new one is in
             place; 0 keeps all).
+        env: The process group of a distributed run (``None``: one process).
+        collective_writers: Like ``extra_writers``, but called on every rank (a gathered export).
+        rank_rngs: Every rank's RNG state (distributed runs), written as ``rng/rank_R.pt``.
 
     Returns:
         The final checkpoint folder.
     """
+    from tunesmith.training.process_group import barrier, gather_objects
+
+    sharded = env is not None and env.sharded
+    main = not sharded or env.is_main
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / step_dir_name(step)
-    tmp = output_dir / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-    torch.save(vars(state), tmp / "training_state.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    for name, write in (extra_writers or {}).items():
+    pid = gather_objects(os.getpid(), env)[0] if sharded else os.getpid()  # rank 0's: one temp name for all
+    tmp = output_dir / f".tmp-{final.name}-{pid}"
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    if sharded:
+        barrier(env)
+    for name, write in (collective_writers or {}).items():
         write(tmp / name)
-    _fsync_tree(tmp)
+    if main:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        torch.save(vars(state), tmp / "training_state.pt")
+        (tmp / "config.yaml").write_text(config_yaml)
+        for rank, rng in enumerate(rank_rngs or []):
+            (tmp / "rng").mkdir(exist_ok=True)
+            torch.save(rng, tmp / "rng" / f"rank_{rank}.pt")
+        for name, write in (extra_writers or {}).items():
+            write(tmp / name)
+        _fsync_tree(tmp)
+    if sharded:
+        barrier(env)  # every rank's part is on disk
+    if main:
+        _publish(output_dir, tmp, final, keep_last)
+    if sharded:
+        barrier(env)
+    return final
+
+
+def _publish(output_dir: Path, tmp: Path, final: Path, keep_last: int) -> None:
+    """Rename a complete temp folder into place, point ``LATEST`` at it, prune old ones."""
     if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
         old = output_dir / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
@@ -145,7 +186,6 @@ def save_checkpoint(
     if keep_last > 0:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -323,10 +363,14 @@ def previous_checkpoint_hint(bad: Path, earlier: list[Path], verify: Callable[[P
 def load_checkpoint(ckpt_dir: str | Path, params: dict[str, torch.nn.Parameter]) -> TrainingState:
     """Copy saved tensors into ``params`` (strict names and shapes) and return the training state.
 
+    Sharded (FSDP) parameters take their own rows of each saved full tensor.
+
     Raises:
         CheckpointUnreadableError: a file that cannot be read (naming it).
         CheckpointError: naming the file and the key when the checkpoint doesn't fit the model.
     """
+    from tunesmith.training.sharding import copy_full_into
+
     ckpt_dir = Path(ckpt_dir)
     weights_file = ckpt_dir / "trainable.safetensors"
     problem = _weights_problem(weights_file)  # every file is read before any tensor is copied
@@ -350,7 +394,7 @@ def load_checkpoint(ckpt_dir: str | Path, params: dict[str, torch.nn.Parameter])
             )
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(saved[name])
+            copy_full_into(p, saved[name])  # this rank's rows of a sharded parameter
     return state
 
 
@@ -360,12 +404,15 @@ def resume_latest(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     config: dict | None = None,
+    env: Any = None,
 ) -> int:
     """Load the newest checkpoint in ``output_dir`` into params/optimizer/scheduler/RNG.
 
     Args:
         config: The new run's resolved config (``to_dict(cfg)``); when given, it is checked against
             the checkpoint's first (``check_resume_config``).
+        env: The process group of a distributed run: every rank reads the (small, full-tensor)
+            checkpoint and keeps its own rows; each rank restores its own RNG.
 
     Returns:
         The number of optimizer steps already done (0 when there is no checkpoint yet).
@@ -374,9 +421,11 @@ def resume_latest(
         CheckpointError: a config that changes the data stream or shapes, an unreadable newest
             checkpoint (naming the previous complete one), or tensors that do not fit.
     """
+    main = env is None or env.is_main
     found = list_checkpoints(output_dir)
     if not found:
-        print(f"resume: no checkpoint in {output_dir} yet, starting from step 0")
+        if main:
+            print(f"resume: no checkpoint in {output_dir} yet, starting from step 0")
         return 0
     ckpt = found[-1]
     try:
@@ -386,13 +435,14 @@ def resume_latest(
     except CheckpointUnreadableError as e:
         raise CheckpointUnreadableError(str(e) + previous_checkpoint_hint(ckpt, found[:-1], checkpoint_problem)) from None
     try:
-        optimizer.load_state_dict(state.optimizer)
+        optimizer.load_state_dict(shard_optimizer_state(state.optimizer, list(params.values())))
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{ckpt / 'training_state.pt'}: the saved optimizer state does not fit this run's "
                               f"optimizer ({e}); resume with the config in {ckpt / 'config.yaml'}") from None
     scheduler.load_state_dict(state.scheduler)
-    set_rng_state(state.rng)
-    print(f"resumed from {ckpt} at step {state.step}")
+    set_rng_state(rank_rng_state(ckpt, state, env.rank if env is not None else 0))
+    if main:
+        print(f"resumed from {ckpt} at step {state.step}")
     return state.step
 
 
@@ -427,6 +477,40 @@ def explain_dcp_load_failure(error: BaseException, ckpt_dir: Path, earlier: list
     return None
 
 
+def gathered_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with every sharded (DTensor) state tensor gathered whole: the
+    one-process format. Collective under FSDP (every rank calls it, in the same order)."""
+    from tunesmith.training.sharding import full_tensor
+
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: full_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in sorted(s.items())}
+                   for i, s in sorted(sd["state"].items())}
+    return sd
+
+
+def shard_optimizer_state(sd: dict, params: list[torch.nn.Parameter]) -> dict:
+    """A one-process optimizer state dict with each tensor split like its (sharded) parameter."""
+    from tunesmith.training.sharding import shard_like
+
+    state = {i: {k: shard_like(v, params[i]) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+             for i, s in sd["state"].items()}
+    return {**sd, "state": state}
+
+
+def rank_rng_state(ckpt: Path, state: TrainingState, rank: int) -> dict:
+    """The RNG state this rank continues with: its own file, else (rank 0 or a one-process
+    checkpoint) the saved one; a rank new to the run derives a distinct seed from rank 0's."""
+    own = ckpt / "rng" / f"rank_{rank}.pt"
+    if own.is_file():
+        return torch.load(own, weights_only=True)
+    if rank == 0:
+        return state.rng
+    g = torch.Generator()
+    g.set_state(state.rng["torch"])
+    derived = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g)) + rank)
+    return {**state.rng, "torch": derived.get_state()}
+
+
 def save_adapter_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -441,6 +525,7 @@ def save_adapter_checkpoint(
     keep_last: int = 2,
     merged_tokenizer_dir: str | None = None,
     save_merged: bool = False,
+    env: Any = None,
 ) -> Path:
     """Checkpoint a LoRA run: adapter weights + training state (resume), PEFT adapter, merged model.
 
@@ -449,17 +534,28 @@ def save_adapter_checkpoint(
         base_model: Recorded as the adapter's ``base_model_name_or_path``.
         merged_tokenizer_dir: Tokenizer files copied next to a merged model.
         save_merged: Also write the merged full model (HF layout) into ``merged/``.
+        env: The process group of a distributed run: every rank calls this; the adapters and
+            their optimizer state are gathered whole and rank 0 writes the one-process format.
     """
     from tunesmith.models import save_hf_checkpoint, save_peft_adapter
     from tunesmith.models.lora import lora_state_dict
+    from tunesmith.training.process_group import gather_objects
+    from tunesmith.training.sharding import full_tensor, reshard
 
-    state = TrainingState(step=step, micro_batches=micro_batches, optimizer=optimizer.state_dict(),
+    sharded = env is not None and env.sharded
+    if sharded:
+        reshard(model)  # an eval-only forward leaves the root gathered: gather from the shards, not its buffers
+    trainable = {k: full_tensor(v) for k, v in lora_state_dict(model).items()}  # collective under FSDP
+    state = TrainingState(step=step, micro_batches=micro_batches, optimizer=gathered_optimizer_state(optimizer),
                           scheduler=scheduler.state_dict(), rng=rng_state())
     writers: dict[str, Callable[[Path], Any]] = {
         "adapter": lambda path: save_peft_adapter(model, path, base_model=base_model, rank=lora.rank, alpha=lora.alpha,
-                                                  dropout=lora.dropout, targets=list(lora.targets)),
+                                                  dropout=lora.dropout, targets=list(lora.targets), tensors=trainable),
     }
-    if save_merged:  # full model with the update folded in, HF layout (+ tokenizer files)
-        writers["merged"] = lambda path: save_hf_checkpoint(model, path, tokenizer_dir=merged_tokenizer_dir)
-    return save_checkpoint(output_dir, step, trainable=lora_state_dict(model), state=state, config_yaml=config_yaml,
-                           extra_writers=writers, keep_last=keep_last)
+    collective: dict[str, Callable[[Path], Any]] = {}
+    if save_merged:  # full model with the update folded in, HF layout (+ tokenizer files), tensor by tensor
+        collective["merged"] = lambda path: save_hf_checkpoint(model, path, tokenizer_dir=merged_tokenizer_dir,
+                                                               write_files=not sharded or env.is_main)
+    return save_checkpoint(output_dir, step, trainable=trainable, state=state, config_yaml=config_yaml,
+                           extra_writers=writers, keep_last=keep_last, env=env, collective_writers=collective,
+                           rank_rngs=gather_objects(rng_state(), env) if sharded else None)

@@ -3,8 +3,8 @@
     tune-run ls
     tune-run cp lora_single_device ./my_recipe.py
     tune-run RECIPE --config CONFIG [--dry-run] [key=value ...]
-    tune-run full_finetune_distributed --config CONFIG --nproc-per-node 8 [--nnodes N --node-rank R
-             --rdzv-endpoint HOST:PORT] [key=value ...]
+    tune-run RECIPE_distributed --config CONFIG --nproc-per-node 8 [--nnodes N --node-rank R
+             --rdzv-endpoint HOST:PORT] [--dry-run] [key=value ...]
 
 RECIPE is a bundled recipe name or a path to a ``.py`` file; CONFIG is a bundled config name or a
 path to a YAML file. A recipe file defines a ``Config`` dataclass (its options, typed, with defaults)
@@ -16,8 +16,8 @@ what to do, not a traceback. Only the typed errors that our checks raise count a
 (``ConfigError``, ``DataError``, ``CheckpointError``, ...; see ``user_errors``): anything else is a
 bug and keeps its traceback (exit 1).
 
-Recipes that can run under torchrun set ``DISTRIBUTED = True`` at module level; only they accept
-the launch flags (``--nproc-per-node`` ...).
+Recipes whose ``Config`` has the FSDP options (``training/options.py:ShardingOptions``) run under
+torchrun; only they accept the launch flags (``--nproc-per-node`` ...).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import inspect
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ from types import ModuleType
 from typing import Iterator
 
 from tunesmith.training.config import ConfigError, build_config, check_environment, load_yaml, to_yaml
+from tunesmith.training.options import ShardingOptions
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -174,18 +176,38 @@ def _split_args(args: list[str]) -> tuple[str | None, bool, list[str], list[str]
     return config, dry_run, launch, overrides
 
 
+def launch_world_size(launch: list[str]) -> int:
+    """Processes a launch starts: ``--nproc-per-node`` × ``--nnodes`` (1 without them; the smaller
+    bound of an elastic ``--nnodes MIN:MAX``).
+
+    Raises:
+        ConfigError: a value that is not a whole number (``--nproc-per-node auto``).
+    """
+    values = dict(zip(launch[::2], launch[1::2]))
+    try:
+        nproc = int(values.get("--nproc-per-node", "1"))
+        nnodes = int(values.get("--nnodes", "1").split(":")[0])
+    except ValueError:
+        raise ConfigError(f"--nproc-per-node and --nnodes must be whole numbers here (e.g. --nproc-per-node 8); "
+                          f"got {values.get('--nproc-per-node')!r} and {values.get('--nnodes')!r}") from None
+    return nproc * nnodes
+
+
 @contextlib.contextmanager
-def _launch_world_size(launch: list[str]) -> Iterator[None]:
+def _as_launched(launch: list[str]) -> Iterator[None]:
     """While the config is checked before a torchrun launch, ``WORLD_SIZE`` says how many processes
     the launch will start (as torchrun will tell each of them), so rules like "batch_size is a
-    multiple of the process count" are checked once, here, instead of failing in every process."""
-    flags = dict(zip(launch[::2], launch[1::2]))
-    nproc, nnodes = flags.get("--nproc-per-node", "1"), flags.get("--nnodes", "1").split(":")[-1]
-    if not launch or not (nproc.isdigit() and nnodes.isdigit()):
+    multiple of the process count" (``ShardingOptions.validate``) are checked once, here, instead of
+    failing in every process. ``--nproc-per-node auto`` leaves the count to torchrun."""
+    try:
+        world = launch_world_size(launch) if launch else None
+    except ConfigError:
+        world = None
+    if world is None:
         yield
         return
     before = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = str(int(nproc) * int(nnodes))
+    os.environ["WORLD_SIZE"] = str(world)
     try:
         yield
     finally:
@@ -201,17 +223,19 @@ def run(recipe: str, args: list[str]) -> int:
     if config is None:
         raise ConfigError(f"missing --config: name a bundled config (`tune-run ls`) or a YAML file\n{USAGE}")
     module = load_recipe(recipe)
-    if launch and not getattr(module, "DISTRIBUTED", False):
-        raise ConfigError(f"{recipe} runs in one process; the launch flags ({' '.join(launch[::2])}) are for recipes "
-                          "that run under torchrun (e.g. full_finetune_distributed)")
+    if launch and not issubclass(module.Config, ShardingOptions):
+        raise ConfigError(f"{recipe} runs on one device; the launch flags ({' '.join(launch[::2])}) need a distributed "
+                          "recipe (lora_distributed, qlora_distributed, dpo_distributed, full_finetune_distributed)")
     config_path = resolve_config_path(config)
-    with _launch_world_size(launch):
+    with _as_launched(launch):
         cfg = build_config(module.Config, load_yaml(config_path), overrides, yaml_name=str(config_path))
         check_environment(cfg)
     if dry_run:
         print(to_yaml(cfg), end="")
         if hasattr(module, "estimate_memory"):
-            print(module.estimate_memory(cfg))
+            takes_world = "world_size" in inspect.signature(module.estimate_memory).parameters
+            print(module.estimate_memory(cfg, world_size=launch_world_size(launch)) if takes_world
+                  else module.estimate_memory(cfg))
         return 0
     if launch:
         recipe_file = Path(module.__file__ or "")

@@ -1,6 +1,7 @@
-"""Expected peak memory of a (Q)LoRA run, before renting the GPU: ``tune-run RECIPE --config X --dry-run``.
+"""Expected peak memory of a run, per rank, before renting the GPUs: ``tune-run RECIPE --config X --dry-run``.
 
-    peak ≈ runtime + weights + adapters (+ grads) + optimizer state + activations + logits
+    peak ≈ runtime + weights + NF4 weights + adapters (+ grads) + gradients + optimizer state
+           + all-gathered weights (FSDP) + reference (DPO) + activations + logits
 
 Each term is counted from the model's shape alone (``config.json`` or GGUF metadata is read; no
 weights are loaded):
@@ -25,14 +26,34 @@ weights are loaded):
 With ``compile`` the activation term follows what the compiler keeps (it recomputes norms and
 SwiGLU's silu in backward instead of saving them), checked against measured peaks only. Batches are assumed full (``batch_size``
 rows of ``max_seq_len`` tokens, all labelled in the worst case), which is what packing produces.
+
+On W processes (FSDP2, the ``*_distributed`` recipes, ``world_size`` from ``--nproc-per-node`` ×
+``--nnodes``) each rank holds:
+
+* 1/W of every weight (NF4 shards too), adapter, gradient and optimizer state (rows split like
+  ``torch.chunk``: ⌈rows / W⌉ per rank); with ``cpu_offload`` these live in host memory instead;
+* gathered: the root unit (embedding, final norm, head) unsharded in the compute dtype from the
+  forward to the end of the backward, two blocks unsharded at a time (the one running and the
+  next, prefetched; all of them with ``reshard_after_forward=false``), an NF4 block's largest
+  linear dequantized while it runs, and the unsharded gradients of one block (plus the root's,
+  for full-weights training) in ``reduce_dtype`` before their reduce-scatter. Every micro-batch
+  reduce-scatters, so no rank keeps full-size gradients between micro-batches;
+* activations and logits for its ``batch_size / W`` rows.
+
+Preference training (``estimate_preference``): two rows per pair (chosen and rejected; one row of
+2 × ``max_seq_len`` tokens holding several pairs with ``data.packing``), every labelled position's
+logits at once, and a reference whose cost depends on the mode: adapters switched off (no weights,
+a no-grad pass: its logits), a frozen copy (its sharded weights, gathered root and blocks, logits)
+or a precomputed table (8 bytes per pair).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from tunesmith.models.llama import matmul_attention_keys_per_query
+from tunesmith.models.nf4 import BLOCK_SIZE, scaler_block_size
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -43,7 +64,22 @@ CPU_COMPILER_BYTES = int(0.25 * GIB)  # torch._inductor and its caches, once loa
 
 @dataclass
 class MemoryEstimate:
-    """Bytes by kind; ``str()`` prints a small table in GiB."""
+    """Bytes by kind, per rank; ``str()`` prints a small table in GiB.
+
+    Attributes:
+        weights: Dense weights (this rank's shards on W processes).
+        adapters: LoRA A and B and their gradients.
+        optimizer: Optimizer state.
+        activations: What autograd keeps for backward.
+        logits: The loss's logits and their gradient.
+        runtime: The process itself (CPU peak RSS).
+        nf4: NF4 base weights (QLoRA; shards).
+        gradients: Gradients of full-weights training (shards).
+        gathered: FSDP's all-gathered weights and not-yet-reduced gradients in flight.
+        reference: DPO's reference model (frozen copy, reference pass's logits, or table).
+        world_size: Processes the run is split over (not bytes).
+        offloaded: Host memory per rank with ``cpu_offload`` (not in the total: not GPU memory).
+    """
 
     weights: float
     adapters: float
@@ -51,16 +87,30 @@ class MemoryEstimate:
     activations: float
     logits: float
     runtime: float
+    nf4: float = 0.0
+    gradients: float = 0.0
+    gathered: float = 0.0
+    reference: float = 0.0
+    world_size: int = 1
+    offloaded: float = 0.0
+
+    TERMS = ("weights", "nf4", "adapters", "gradients", "optimizer", "gathered", "reference", "activations", "logits",
+             "runtime")
+    ALWAYS = ("weights", "adapters", "optimizer", "activations", "logits", "runtime")
 
     @property
     def total(self) -> float:
-        return sum(getattr(self, f.name) for f in fields(self))
+        return sum(getattr(self, name) for name in self.TERMS)
 
     def __str__(self) -> str:
-        lines = ["expected peak memory (estimate):"]
-        for f in fields(self):
-            lines.append(f"  {f.name:<12} {getattr(self, f.name) / GIB:8.3f} GiB")
+        where = f" per rank, {self.world_size} processes" if self.world_size > 1 else ""
+        lines = [f"expected peak memory{where} (estimate):"]
+        for name in self.TERMS:
+            if name in self.ALWAYS or getattr(self, name) > 0:
+                lines.append(f"  {name:<12} {getattr(self, name) / GIB:8.3f} GiB")
         lines.append(f"  {'total':<12} {self.total / GIB:8.3f} GiB")
+        if self.offloaded:
+            lines.append(f"  (+ {self.offloaded / GIB:.3f} GiB of shards and optimizer state in host memory: cpu_offload)")
         return "\n".join(lines)
 
 
@@ -129,16 +179,22 @@ def estimate(
     device_type: str = "cpu",
     compile: bool = False,
     attention: str = "sdpa",
+    full: bool = False,
+    world_size: int = 1,
+    compute_dtype: str | None = None,
+    reduce_dtype: str | None = None,
+    cpu_offload: bool = False,
+    reshard_after_forward: bool = True,
 ) -> MemoryEstimate:
-    """Peak memory of LoRA / QLoRA training for a model shape and run settings.
+    """Peak memory per rank of LoRA / QLoRA / full-weights training for a model shape and run settings.
 
     Args:
-        cfg: A ``LlamaConfig`` (or any config with its field names).
-        dtype: ``fp32``, ``bf16`` or ``fp16``: weights, adapters, activations.
-        batch_size: Rows per micro-batch.
+        cfg: A ``LlamaConfig`` (or any config with its field names: ``GemmaConfig``).
+        dtype: ``fp32``, ``bf16`` or ``fp16``: stored weights, adapters, gradients, optimizer state.
+        batch_size: Rows per GLOBAL micro-batch (each of W ranks takes batch_size / W).
         seq_len: Tokens per row (``data.max_seq_len``).
-        rank: LoRA rank.
-        targets: LoRA target leaf names.
+        rank: LoRA rank (unused when ``full``).
+        targets: LoRA target leaf names (unused when ``full``).
         quantize_base: NF4 base weights for the targeted layers (QLoRA).
         optimizer: ``adamw``, ``adamw8bit`` or ``paged_adamw8bit``.
         activation_checkpointing: Keep only block inputs.
@@ -147,53 +203,117 @@ def estimate(
         compile: Blocks are compiled: fewer saved activations (see ``activation_bytes_per_token_layer``)
             and, on CPU, the compiler's own footprint.
         attention: ``sdpa`` or ``matmul`` (the latter keeps [s × s] probabilities per head).
+        full: Every weight trains (full fine-tune): gradients and optimizer state for all of them.
+        world_size: Processes (FSDP2 shards over them when > 1).
+        compute_dtype: FSDP mixed precision: gathered weights and activations in this dtype.
+        reduce_dtype: Dtype of the unsharded gradients before their reduce-scatter.
+        cpu_offload: Shards and optimizer state in host memory (``offloaded``).
+        reshard_after_forward: ``False`` keeps every block gathered from its forward to its backward.
     """
     e = DTYPE_BYTES[dtype]
+    c = DTYPE_BYTES[compute_dtype or dtype]  # activations and gathered weights
+    r_bytes = DTYPE_BYTES[reduce_dtype or compute_dtype or dtype]
+    w = world_size
+    sharded = w > 1
     shapes = _linear_shapes(cfg)
-    tokens = batch_size * seq_len
     tied = getattr(cfg, "tie_embeddings", False)
+    targets = [] if full else list(targets)
+    block_linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    nf4_names = [n for n in targets if quantize_base and (n != "output" or not tied)]
+
+    def in_nf4(name: str) -> bool:
+        """The block linear ``name`` is stored in NF4: targeted itself, or fused into a target (Phi-3)."""
+        return name in nf4_names or _FUSED_INTO.get(name) in nf4_names
+
+    def per_rank(rows: int, cols: int, nbytes_per_value: float) -> float:
+        """Bytes of this rank's ⌈rows / W⌉ rows."""
+        return -(-rows // w) * cols * nbytes_per_value
+
+    def nf4_bytes(rows: int, cols: int) -> float:
+        """Codes, block scales, group factors (+ mean and the 16 levels) of this rank's rows."""
+        local = -(-rows // w)
+        blocks = local * cols // BLOCK_SIZE
+        return local * cols / 2 + blocks + blocks // scaler_block_size((rows, cols)) * e + 17 * e
 
     # Weights: embedding (+ untied head) + per block 7 linears and 2 norms + final norm.
-    block_linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    embed = cfg.vocab_size * cfg.hidden_size
-    weights = float(embed * e + (2 * cfg.num_layers + 1) * cfg.hidden_size * e)
+    d, v, layers = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+    weights = per_rank(v, d, e) + (2 * layers + 1) * per_rank(d, 1, e)
+    nf4 = 0.0
     for name in block_linears:
-        n = shapes[name][0] * shapes[name][1] * cfg.num_layers
-        quantized = quantize_base and (name in targets or _FUSED_INTO.get(name) in targets)
-        weights += n * (NF4_BYTES_PER_VALUE if quantized else e)
-    if not tied:
-        weights += embed * (NF4_BYTES_PER_VALUE if quantize_base and "output" in targets else e)
+        fan_in, fan_out = shapes[name]
+        if in_nf4(name):
+            nf4 += layers * nf4_bytes(fan_out, fan_in)
+        else:
+            weights += layers * per_rank(fan_out, fan_in, e)
+    if not tied and "output" in nf4_names:
+        nf4 += nf4_bytes(v, d)
+    elif not tied:
+        weights += per_rank(v, d, e)
 
-    # Adapters (values and gradients) and optimizer state.
-    per_tensor: list[int] = []
+    # Trainable values: LoRA's A [r, in] and B [out, r] per adapted layer, or every weight.
+    per_tensor: list[float] = []  # this rank's values of each trainable tensor
+    if full:
+        per_tensor += [per_rank(v, d, 1)] + ([] if tied else [per_rank(v, d, 1)]) + [per_rank(d, 1, 1)] * (2 * layers + 1)
+        for name in block_linears:
+            fan_in, fan_out = shapes[name]
+            per_tensor += [per_rank(fan_out, fan_in, 1)] * layers
     for name in targets:
         fan_in, fan_out = shapes[name]
-        count = 1 if name == "output" else cfg.num_layers
-        per_tensor += [rank * fan_in, rank * fan_out] * count
+        count = 1 if name == "output" else layers
+        per_tensor += [per_rank(rank, fan_in, 1), per_rank(fan_out, rank, 1)] * count
     trainable = sum(per_tensor)
-    adapters = 2.0 * trainable * e
+    adapters = 0.0 if full else 2.0 * trainable * e
+    gradients = trainable * e if full else 0.0
     if optimizer in ("adamw8bit", "paged_adamw8bit"):
         opt = sum(2 * n * (1 if n >= 4096 else 4) for n in per_tensor)
     else:
         opt = 2 * trainable * e
 
-    # Activations saved for backward, and the loss's logits for one chunk.
-    per_layer = activation_bytes_per_token_layer(cfg, e, rank, targets, compiled=compile, attention=attention,
-                                                 seq_len=seq_len)
+    # FSDP: what is gathered (unsharded) while a micro-batch runs.
+    gathered = 0.0
+    if sharded:
+        block_dense = sum(fan_in * fan_out for name, (fan_in, fan_out) in shapes.items()
+                          if name in block_linears and not in_nf4(name)) * c + 2 * d * c
+        block_nf4 = sum(nf4_bytes(fan_out, fan_in) * w for name, (fan_in, fan_out) in shapes.items()
+                        if name in block_linears and in_nf4(name))
+        biggest_dequantized = max((fan_in * fan_out * c for name, (fan_in, fan_out) in shapes.items()
+                                   if name in nf4_names), default=0)
+        blocks_alive = 2 if reshard_after_forward else layers
+        root_bytes = v * d * c * (1 if tied else 2) + d * c
+        gathered = root_bytes + min(blocks_alive, layers) * (block_dense + block_nf4) + biggest_dequantized
+        block_trainable = (sum(fan_in * fan_out for name, (fan_in, fan_out) in shapes.items() if name in block_linears)
+                           + 2 * d) if full else sum(rank * (fan_in + fan_out) for name, (fan_in, fan_out) in shapes.items()
+                                                      if name in targets and name != "output")
+        gathered += block_trainable * r_bytes  # one block's unsharded gradients before the reduce-scatter
+        if full:
+            gathered += (v * d * (1 if tied else 2) + d) * r_bytes  # the root's, reduced at the end of backward
+    offloaded = 0.0
+    if cpu_offload and sharded:
+        offloaded = weights + nf4 + opt + gradients + (adapters / 2 if not full else 0.0)
+        weights, nf4, opt, gradients = 0.0, 0.0, 0.0, 0.0
+        adapters /= 2  # values offloaded; gradients are computed on the GPU
+
+    # Activations saved for backward, and the loss's logits for one chunk, for this rank's rows.
+    tokens = -(-batch_size // w) * seq_len
+    act_targets = ["down_proj"] if full else targets  # full training keeps every linear's input (down's: + I)
+    per_layer = activation_bytes_per_token_layer(cfg, c, 0 if full else rank, act_targets, compiled=compile,
+                                                 attention=attention, seq_len=seq_len)
     if activation_checkpointing:
-        activations = tokens * (cfg.num_layers * cfg.hidden_size * e + per_layer)
+        activations = tokens * (layers * d * c + per_layer)
     else:
-        activations = tokens * cfg.num_layers * per_layer
-        if attention == "matmul" and "k_proj" not in targets:  # layer 0's keys need no gradient: q not kept
-            activations -= tokens * cfg.num_heads * cfg.head_dim * e
-    activations += tokens * (2 * cfg.head_dim * e + e * cfg.hidden_size)  # RoPE tables, labelled hidden states
+        activations = tokens * layers * per_layer
+        if attention == "matmul" and "k_proj" not in targets and not full:  # layer 0's keys need no gradient
+            activations -= tokens * cfg.num_heads * cfg.head_dim * c
+    activations += tokens * (2 * cfg.head_dim * c + c * d)  # RoPE tables, labelled hidden states
     positions = tokens if chunk_size <= 0 else min(chunk_size, tokens)
-    logits = positions * cfg.vocab_size * (e + 2 * 4)
+    logits = positions * v * (c + 2 * 4)
 
     runtime = 0.0
     if device_type == "cpu":
         runtime = CPU_RUNTIME_BYTES + (CPU_COMPILER_BYTES if compile else 0)
-    return MemoryEstimate(weights, adapters, float(opt), float(activations), float(logits), float(runtime))
+    return MemoryEstimate(float(weights), float(adapters), float(opt), float(activations), float(logits),
+                          float(runtime), nf4=float(nf4), gradients=float(gradients), gathered=float(gathered),
+                          world_size=w, offloaded=float(offloaded))
 
 
 def model_config(source: str) -> Any:
@@ -228,16 +348,65 @@ def model_config(source: str) -> Any:
     return family.config_from_hf(d)
 
 
-def estimate_run_memory(cfg: Any) -> MemoryEstimate:
-    """``estimate`` for a (Q)LoRA recipe ``Config`` (model, dtype, batch, data, lora, toolbox switches)."""
+def _run_settings(cfg: Any, world_size: int) -> dict[str, Any]:
+    """``estimate`` keyword arguments every recipe config provides (``RunOptions`` + ``ShardingOptions``).
+
+    ``device=cuda`` is taken at its word (a dry run plans a GPU run on any machine); ``auto`` means
+    this machine's device. ``dtype=auto`` is bf16 on CUDA, fp32 on CPU, as the recipes choose.
+    """
+    import torch
+
     from tunesmith.training.setup import select_device
 
-    device = select_device(cfg.device)
+    device = select_device("auto") if cfg.device == "auto" else torch.device(cfg.device)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return estimate(
-        model_config(cfg.model), dtype=dtype, batch_size=cfg.batch_size, seq_len=cfg.data.max_seq_len,
-        rank=cfg.lora.rank, targets=list(cfg.lora.targets), quantize_base=getattr(cfg, "quantize_base", False),
-        optimizer=cfg.optimizer, activation_checkpointing=cfg.activation_checkpointing,
-        chunk_size=int(cfg.loss_args.get("chunk_size", 1024)) if cfg.loss == "cross_entropy" else 0,
-        device_type=device.type, compile=cfg.compile, attention=cfg.attention,
+    chunk = int(cfg.loss_args.get("chunk_size", 1024)) if cfg.loss == "cross_entropy" else 0
+    lora = getattr(cfg, "lora", None)
+    return dict(
+        dtype=dtype, rank=lora.rank if lora else 0, targets=list(lora.targets) if lora else [],
+        quantize_base=getattr(cfg, "quantize_base", False), optimizer=cfg.optimizer,
+        activation_checkpointing=cfg.activation_checkpointing, chunk_size=chunk, device_type=device.type,
+        compile=getattr(cfg, "compile", False), attention=cfg.attention, world_size=world_size,
+        compute_dtype=getattr(cfg, "compute_dtype", None), reduce_dtype=getattr(cfg, "reduce_dtype", None),
+        cpu_offload=getattr(cfg, "cpu_offload", False),
+        reshard_after_forward=getattr(cfg, "reshard_after_forward", True),
     )
+
+
+def estimate_run_memory(cfg: Any, world_size: int = 1) -> MemoryEstimate:
+    """``estimate`` for an SFT recipe ``Config``: (Q)LoRA, or every weight when it has no ``lora`` (full fine-tune).
+
+    Args:
+        cfg: The recipe's resolved config.
+        world_size: Processes of the launch (``--nproc-per-node`` × ``--nnodes``).
+    """
+    settings = _run_settings(cfg, world_size)
+    return estimate(model_config(cfg.model), batch_size=cfg.batch_size, seq_len=cfg.data.max_seq_len,
+                    full=not hasattr(cfg, "lora"), **settings)
+
+
+def estimate_preference_memory(cfg: Any, world_size: int = 1) -> MemoryEstimate:
+    """``estimate`` for a preference recipe ``Config`` (DPO and friends), reference included.
+
+    Two rows of ``max_seq_len`` per pair (one row of 2 × ``max_seq_len`` per ``batch_size`` with
+    packing); the log-probs project every labelled position at once. The reference adds: nothing
+    but its pass's logits with LoRA (adapters off); a frozen copy's weights (sharded like the
+    policy's, gathered root and blocks while it runs) with ``full``; nothing counted with
+    ``precompute_reference`` (the table is 8 bytes per pair: 8 MB for a million pairs) or for
+    reference-free losses (SimPO, ORPO).
+    """
+    from tunesmith.training.preference_losses import build_preference_loss
+
+    settings = _run_settings(cfg, world_size) | {"chunk_size": 0}
+    shape = model_config(cfg.model)
+    rows, seq = (cfg.batch_size, 2 * cfg.data.max_seq_len) if cfg.data.packing else (2 * cfg.batch_size, cfg.data.max_seq_len)
+    est = estimate(shape, batch_size=rows, seq_len=seq, full=cfg.full, **settings)
+    if cfg.precompute_reference or not getattr(build_preference_loss(cfg.loss, cfg.loss_args), "needs_reference", True):
+        return est
+    c = DTYPE_BYTES[settings["compute_dtype"] or settings["dtype"]]
+    est.reference = est.logits / (c + 8) * (c + 4)  # the reference pass's logits (no gradient) beside the policy's
+    if cfg.full:  # a frozen copy: the policy's weights again, and its own gathered units while it runs
+        copy = estimate(shape, batch_size=rows, seq_len=seq, full=False, **(settings | {"targets": [], "rank": 0}))
+        est.reference += copy.weights + copy.nf4 + copy.gathered
+        est.offloaded += copy.offloaded
+    return est

@@ -64,6 +64,25 @@ class MetricLogger:
             self.writer.close()
 
 
+class SilentLogger:
+    """Stands in for ``MetricLogger`` on ranks other than 0: one progress bar per job, not per rank."""
+
+    def start_step(self) -> None:
+        pass
+
+    def tokens_per_second(self, tokens: int) -> float:
+        return 0.0
+
+    def log(self, step: int, scalars: dict[str, float], *, advance: bool = True) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _fmt(value: float) -> str:
     if value == 0 or 1e-3 <= abs(value) < 1e4:
         return f"{value:.4g}"

@@ -9,6 +9,7 @@ training/config.py): ``PositiveInt`` is an int ≥ 1, ``Literal[...]`` lists the
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -191,3 +192,39 @@ class RunOptions:
         sources.check_model_has_tokenizer(self.model, self.tokenizer)
         sources.check_no_earlier_run(self.output_dir, self.resume)
         sources.check_device_available(self.device)
+
+
+FsdpDtype = Annotated[Literal["fp32", "bf16"], Refuse(fp16=FP16_REFUSED)]
+
+
+@dataclass
+class ShardingOptions:
+    """FSDP2 options of the distributed recipes (``*_distributed``); they need a torchrun launch.
+
+    A recipe whose ``Config`` has these options is one ``tune-run`` may launch under torchrun
+    (``--nproc-per-node N``); without torchrun it runs as one plain process.
+
+    Attributes:
+        compute_dtype: FSDP mixed precision: weights are all-gathered and used in this dtype
+            (``bf16`` with ``dtype=fp32`` keeps fp32 master weights); unset: ``dtype``. Needs torchrun.
+        reduce_dtype: Dtype of the gradient reduce-scatter (``fp32`` for accuracy with bf16
+            compute); unset: ``compute_dtype``. Needs torchrun.
+        cpu_offload: Keep sharded weights, gradients and optimizer state in CPU memory (fits larger
+            models, slower). Needs torchrun.
+        reshard_after_forward: Free each block's gathered weights after forward (less memory);
+            ``false`` keeps them for backward (less communication).
+    """
+
+    compute_dtype: FsdpDtype | None = None
+    reduce_dtype: FsdpDtype | None = None
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+
+    def validate(self) -> None:
+        """What the launch cannot honour (``sharding.check_sharding``), for the launch this config runs
+        under: torchrun sets ``WORLD_SIZE`` in each process, and ``tune-run`` sets it while it checks a
+        config it is about to launch, so the error comes once, before any process starts."""
+        from tunesmith.training.sharding import check_sharding
+
+        world = os.environ.get("WORLD_SIZE")
+        check_sharding(self, sharded=world is not None, world_size=int(world or 1))

@@ -1,8 +1,9 @@
 """Pieces of preference training (DPO and friends) that recipes call: data, log-probs, reference, eval.
 
-    preference_batches(opts, tokenizer, …)    → train / held-out streams of concatenated pairs
-    sequence_logprobs(hidden, labels, head)   → Σ log p(response tokens) per row, and token counts
+    preference_batches(opts, tokenizer, …)    → train / held-out streams of concatenated (or packed) pairs
+    sequence_logprobs(hidden, labels, head)   → Σ log p(response tokens) per response, and token counts
     policy_logprobs(model, batch)             → one forward pass over chosen + rejected rows
+    pair_slice / eval_pair_slice              → a process's pairs of a batch (FSDP)
     Reference(model, frozen_copy=…)           → reference log-probs: adapters off, a frozen copy,
                                                 or a table precomputed once per dataset pass
     preference_logprobs(model, batch, ref)    → PreferenceLogProbs for the loss
@@ -11,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -40,6 +40,9 @@ class PreferenceDataOptions:
         val_split: Which split ``val`` reads (UltraFeedback: ``test_prefs``).
         max_seq_len: Each side (prompt + answer) is cut to this many tokens; a pair whose final answer
             starts beyond it is dropped (counted in a warning at startup, see tunesmith.data.preference).
+        packing: Pack whole training pairs into rows of 2 × ``max_seq_len`` tokens (both sides of a
+            pair in one row, per-response attention and positions, log-probs summed per response);
+            ``batch_size`` then counts rows. Faster on short pairs; held-out pairs stay unpacked.
     """
 
     train: DataSource = MISSING
@@ -48,6 +51,7 @@ class PreferenceDataOptions:
     split: str = "train"
     val_split: str = "validation"
     max_seq_len: SeqLen = 512
+    packing: bool = False
 
 
 def preference_batches(
@@ -55,11 +59,14 @@ def preference_batches(
 ) -> tuple[BatchStream, BatchStream, Any, Any]:
     """Read, split and tokenize preference pairs; batch them as concatenated chosen+rejected rows.
 
+    With ``opts.packing`` the training pairs are packed into rows (``pack_pairs``) and a
+    micro-batch is ``batch_size`` such rows; held-out pairs stay one side per row.
+
     Returns:
         ``(train_batches, val_batches, train_set, val_set)``; the sets are ``PreferenceDataset``s.
     """
     from tunesmith.data import load_records, split_records
-    from tunesmith.data.preference import PreferenceDataset, preference_collate
+    from tunesmith.data.preference import PreferenceDataset, pack_pairs, packed_pairs_collate, preference_collate
     from tunesmith.training.setup import resolve_source
 
     train_records = load_records(resolve_source(opts.train), split=opts.split)
@@ -71,16 +78,84 @@ def preference_batches(
     val_set = PreferenceDataset(val_records, tokenizer, max_seq_len=opts.max_seq_len,
                                 source_name=opts.val or f"{opts.train} (held out)")
     collate = partial(preference_collate, pad_id=tokenizer.pad_id)
-    train_batches = BatchStream(train_set, batch_size, collate, seed=seed, name=opts.train)
+    if opts.packing:
+        rows = pack_pairs(train_set.items, 2 * opts.max_seq_len)
+        train_batches = BatchStream(rows, batch_size, partial(packed_pairs_collate, pad_id=tokenizer.pad_id), seed=seed,
+                                    name=opts.train)
+    else:
+        train_batches = BatchStream(train_set, batch_size, collate, seed=seed, name=opts.train)
     val_batches = BatchStream(val_set, batch_size, collate, shuffle=False, drop_last=False, name=opts.val or "held-out pairs")
     return train_batches, val_batches, train_set, val_set
 
 
 # ---------------------------------------------------------------------------------------------
+# Batches: plain (chosen rows, then rejected rows) or packed (whole pairs per row)
+# ---------------------------------------------------------------------------------------------
+def pair_index(batch: dict[str, Tensor]) -> Tensor:
+    """Dataset index of each pair in the batch [p], in the order its log-probs come out."""
+    if "pairs" in batch:
+        return batch["pairs"][batch["pairs"] >= 0]  # row by row, slot by slot
+    return batch["index"]
+
+
+def count_pairs(batch: dict[str, Tensor]) -> int:
+    return int((batch["pairs"] >= 0).sum()) if "pairs" in batch else len(batch["index"])
+
+
+def response_slots(batch: dict[str, Tensor]) -> Tensor | None:
+    """For a packed batch, which response [r, s] each position belongs to: chosen of pair p is
+    slot p, rejected is P + p (P pairs, in ``pair_index`` order), so the sums come out as a plain
+    batch's rows do. ``None`` for a plain batch (one response per row)."""
+    if "pairs" not in batch:
+        return None
+    first = torch.cumsum((batch["pairs"] >= 0).sum(dim=1), 0) - (batch["pairs"] >= 0).sum(dim=1)  # [r]
+    doc = batch["document_ids"]
+    return (doc % 2) * count_pairs(batch) + first[:, None] + doc // 2
+
+
+def pair_slice(batch: dict[str, Tensor], env: Any) -> dict[str, Tensor]:
+    """This rank's share of a global training micro-batch: its pairs (plain) or its rows (packed).
+
+    Raises:
+        ConfigError: the micro-batch does not split evenly over the processes.
+    """
+    from tunesmith.training.config import ConfigError
+    from tunesmith.training.process_group import rank_slice
+
+    if "pairs" in batch:
+        return rank_slice(batch, env)
+    pairs = len(batch["index"])
+    if pairs % env.world_size:
+        raise ConfigError(f"batch_size={pairs} must be a multiple of the number of processes ({env.world_size})")
+    per = pairs // env.world_size
+    return _pairs(batch, env.rank * per, (env.rank + 1) * per)
+
+
+def _pairs(batch: dict[str, Tensor], start: int, end: int) -> dict[str, Tensor]:
+    """Pairs [start, end) of a plain batch: their chosen rows, then their rejected rows."""
+    b = len(batch["index"])
+    rows = torch.cat([torch.arange(start, end), torch.arange(b + start, b + end)])
+    return {k: (v[start:end] if k == "index" else v[rows]) for k, v in batch.items()}
+
+
+def eval_pair_slice(batch: dict[str, Tensor], env: Any) -> tuple[dict[str, Tensor], bool]:
+    """This rank's share of a held-out plain batch of any size, and whether it holds real pairs.
+
+    A rank left without pairs runs the batch's first pair, since under FSDP every rank must join
+    every forward pass; the caller leaves its numbers out (``False``).
+    """
+    from tunesmith.training.process_group import row_range
+
+    start, end = row_range(len(batch["index"]), env)
+    return (_pairs(batch, start, end), True) if end > start else (_pairs(batch, 0, 1), False)
+
+
+# ---------------------------------------------------------------------------------------------
 # Log-probabilities
 # ---------------------------------------------------------------------------------------------
-def sequence_logprobs(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-    """Summed log-probability of each row's labelled tokens, and how many there are.
+def sequence_logprobs(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor],
+                      slots: Tensor | None = None, num_slots: int = 0) -> tuple[Tensor, Tensor]:
+    """Summed log-probability of each response's labelled tokens, and how many there are.
 
     Only labelled positions are projected to the vocabulary (prompt and padding never are).
 
@@ -88,24 +163,32 @@ def sequence_logprobs(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], T
         hidden: Final hidden states [r, s, d].
         labels: Shifted targets [r, s], -100 where not scored.
         head: ``model.logits`` ([..., d] → [..., v]).
+        slots: Which response each position belongs to [r, s] (packed rows, ``response_slots``);
+            ``None``: each row is one response.
+        num_slots: Number of responses when ``slots`` is given.
 
     Returns:
-        ``(logps [r] fp32, counts [r] fp32)``.
+        ``(logps [responses] fp32, counts [responses] fp32)``.
     """
     keep = labels != IGNORE_INDEX
-    rows = keep.nonzero()[:, 0]  # row of each labelled position, [n]
+    where = keep.nonzero()[:, 0] if slots is None else slots[keep]  # response of each labelled position, [n]
+    size = labels.shape[0] if slots is None else num_slots
     token_logps = -F.cross_entropy(head(hidden[keep]).float(), labels[keep], reduction="none")  # [n]
-    logps = torch.zeros(labels.shape[0], device=hidden.device, dtype=torch.float32).index_add(0, rows, token_logps)
-    return logps, keep.sum(dim=1).float()
+    logps = torch.zeros(size, device=hidden.device, dtype=torch.float32).index_add(0, where, token_logps)
+    counts = torch.zeros(size, device=hidden.device, dtype=torch.float32).index_add(0, where, torch.ones_like(token_logps))
+    return logps, counts
 
 
 def policy_logprobs(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Chosen and rejected rows of a ``preference_collate`` batch through ``model`` in ONE forward pass.
+    """Chosen and rejected responses of a batch through ``model`` in ONE forward pass.
+
+    Packed batches pass their positions and document ids (per-response attention).
 
     Returns:
-        ``(logps [2b], counts [2b])``: chosen rows first, then rejected.
+        ``(logps [2p], counts [2p])``: chosen first, then rejected, pairs in ``pair_index`` order.
     """
-    return sequence_logprobs(model.hidden_states(batch["tokens"]), batch["labels"], model.logits)
+    hidden = model.hidden_states(batch["tokens"], positions=batch.get("positions"), document_ids=batch.get("document_ids"))
+    return sequence_logprobs(hidden, batch["labels"], model.logits, response_slots(batch), 2 * count_pairs(batch))
 
 
 
@@ -128,12 +211,6 @@ class Reference:
     def __init__(self, model: nn.Module, frozen_copy: nn.Module | None = None) -> None:
         self.model, self.frozen_copy = model, frozen_copy
 
-    @classmethod
-    def copy_of(cls, model: nn.Module) -> Reference:
-        """A reference that is a frozen deep copy of ``model`` as it is now (full-weights training)."""
-        frozen = copy.deepcopy(model).eval().requires_grad_(False)
-        return cls(model, frozen)
-
     @torch.no_grad()
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Reference log-probs [2b] of a batch, computed now."""
@@ -145,20 +222,64 @@ class Reference:
             return policy_logprobs(self.model, batch)[0]
 
     @torch.no_grad()
-    def precompute(self, dataset: Any, collate: Callable, batch_size: int, device: torch.device) -> Tensor:
-        """[len(dataset), 2] table of (chosen, rejected) reference log-probs, in dataset order."""
+    def precompute(self, dataset: Any, collate: Callable, batch_size: int, device: torch.device,
+                   env: Any = None) -> Tensor:
+        """[len(dataset), 2] table of (chosen, rejected) reference log-probs, in dataset order.
+
+        Args:
+            env: A distributed run's process group: each rank computes its share of every chunk
+                and the table is summed over ranks (every rank gets the whole table).
+        """
+        from tunesmith.training.process_group import sum_tensor_over_ranks
+
         table = torch.zeros(len(dataset), 2, device=device)
         for start in range(0, len(dataset), batch_size):
-            idx = list(range(start, min(start + batch_size, len(dataset))))
-            batch = {k: v.to(device) for k, v in collate([dataset[i] for i in idx]).items()}
-            table[idx] = torch.stack(self.forward(batch).chunk(2), dim=1)
-        return table
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            real = True
+            if env is not None:
+                batch, real = eval_pair_slice(batch, env)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logps = torch.stack(self.forward(batch).chunk(2), dim=1)  # [b, 2]
+            if real:
+                table[batch["index"]] = logps
+        return table if env is None else sum_tensor_over_ranks(table, env)
 
     def __call__(self, batch: dict[str, Tensor], table: Tensor | None = None) -> Tensor:
-        """Reference log-probs [2b]: looked up in ``table`` when given, else computed."""
+        """Reference log-probs [2p]: looked up in ``table`` when given, else computed."""
         if table is not None:
-            return table[batch["index"]].T.reshape(-1)  # [b, 2] → chosen rows, then rejected rows
+            return table[pair_index(batch)].T.reshape(-1)  # [p, 2] → chosen, then rejected
         return self.forward(batch)
+
+
+def build_reference(model: nn.Module, loss_fn: Any, *, full: bool, precompute: bool, train_set: Any, val_set: Any,
+                    collate: Callable, batch_size: int, device: torch.device,
+                    frozen_copy: Callable[[], nn.Module] = lambda: None, env: Any = None,
+                    ) -> tuple[Reference | None, Tensor | None, Tensor | None]:
+    """DPO's reference, and with ``precompute`` its tables for the training and held-out pairs.
+
+    Build it before any resume loads trained weights: the reference is the starting model.
+
+    Args:
+        model: The policy, untrained.
+        loss_fn: The preference loss; one with ``needs_reference = False`` gets no reference.
+        full: Every weight trains: the reference is ``frozen_copy()`` (unless precomputed), not
+            the policy with its adapters switched off.
+        precompute: One pass over each set now, instead of a reference forward per step.
+        collate: Batches pairs one side per row (the held-out stream's collate).
+        frozen_copy: Makes a frozen copy of the starting model (a deep copy; a second sharded
+            load under FSDP).
+        env: A distributed run's process group (each rank computes its share of the tables).
+
+    Returns:
+        ``(reference or None, train table or None, held-out table or None)``.
+    """
+    if not getattr(loss_fn, "needs_reference", True):
+        return None, None, None
+    reference = Reference(model, frozen_copy() if full and not precompute else None)
+    if not precompute:
+        return reference, None, None
+    return (reference, reference.precompute(train_set, collate, batch_size, device, env),
+            reference.precompute(val_set, collate, batch_size, device, env))
 
 
 def preference_logprobs(model: nn.Module, batch: dict[str, Tensor], reference: Reference | None,
@@ -204,14 +325,23 @@ def pair_metrics(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tenso
     }
 
 
-def mean_metrics(per_pair: list[dict[str, Tensor]]) -> dict[str, float]:
-    """Average ``pair_metrics`` outputs over all the pairs they cover."""
-    return {k: float(torch.cat([m[k] for m in per_pair]).mean()) for k in per_pair[0]}
+def mean_metrics(per_pair: list[dict[str, Tensor]], env: Any = None) -> dict[str, float]:
+    """Average ``pair_metrics`` outputs over all the pairs they cover (on every rank, with ``env``)."""
+    from tunesmith.training.process_group import sum_tensor_over_ranks
+
+    keys = list(per_pair[0])
+    values = {k: torch.cat([m[k] for m in per_pair]).double() for k in keys}
+    sums = torch.stack([values[k].sum() for k in keys] + [torch.tensor(float(len(values[keys[0]])), dtype=torch.float64,
+                                                                        device=values[keys[0]].device)])
+    if env is not None:
+        sums = sum_tensor_over_ranks(sums, env)
+    return {k: float(sums[i] / sums[-1].clamp(min=1)) for i, k in enumerate(keys)}
 
 
 @torch.no_grad()
 def evaluate_preferences(model: nn.Module, batches: BatchStream, loss_fn: Any, reference: Reference | None,
-                         device: torch.device, *, table: Tensor | None = None, max_batches: int = 0) -> dict[str, float]:
+                         device: torch.device, *, table: Tensor | None = None, max_batches: int = 0,
+                         env: Any = None) -> dict[str, float]:
     """Mean loss, reward accuracy, margin, rewards and log-probs over the held-out pairs (dropout off).
 
     Args:
@@ -222,17 +352,20 @@ def evaluate_preferences(model: nn.Module, batches: BatchStream, loss_fn: Any, r
         device: Where the model lives.
         table: Precomputed reference log-probs of the held-out set, if any.
         max_batches: Evaluate at most this many batches; 0 means all.
+        env: A distributed run's process group: each rank evaluates its share of every batch.
     """
     was_training = model.training
     model.eval()
     n = batches.per_epoch if max_batches <= 0 else min(max_batches, batches.per_epoch)
     per_pair = []
     for i in range(n):
-        batch = {k: v.to(device) for k, v in batches[i].items()}
+        batch, real = (batches[i], True) if env is None else eval_pair_slice(batches[i], env)
+        batch = {k: v.to(device) for k, v in batch.items()}
         logps = preference_logprobs(model, batch, reference, table)
-        per_pair.append(pair_metrics(*loss_fn(logps), logps))
+        metrics = pair_metrics(*loss_fn(logps), logps)
+        per_pair.append(metrics if real else {k: v[:0] for k, v in metrics.items()})
     model.train(was_training)
-    return mean_metrics(per_pair)
+    return mean_metrics(per_pair, env)
 
 
 def report_preferences(metrics: dict[str, float], when: str) -> None:
@@ -240,6 +373,34 @@ def report_preferences(metrics: dict[str, float], when: str) -> None:
     print(f"held-out reward accuracy: {100 * metrics['reward_acc']:.1f}% ({when} training); "
           f"reward margin {metrics['margin']:.4f}; loss {metrics['loss']:.4f}; "
           f"log-prob chosen {metrics['logp_chosen']:.2f} / rejected {metrics['logp_rejected']:.2f}", flush=True)
+
+
+def preference_report(model: nn.Module, tokenizer: Any, batches: BatchStream, dataset: Any, loss_fn: Any,
+                      reference: Reference | None, device: torch.device, *, when: str, table: Tensor | None = None,
+                      max_batches: int = 0, max_new_tokens: int = 0, env: Any = None) -> dict[str, float]:
+    """Evaluate the held-out pairs, print reward accuracy and margin and (optionally) a sample answer.
+
+    Args:
+        env: A distributed run's process group: every rank evaluates its share and joins the
+            sample's forward passes; rank 0 prints.
+
+    Returns:
+        ``evaluate_preferences``'s metrics.
+    """
+    from contextlib import nullcontext
+
+    from tunesmith.training.evaluation import sample_answer
+    from tunesmith.training.process_group import main_rank_prints
+
+    with main_rank_prints(env) if env is not None else nullcontext():
+        metrics = evaluate_preferences(model, batches, loss_fn, reference, device, table=table,
+                                       max_batches=max_batches, env=env)
+        report_preferences(metrics, when)
+        if max_new_tokens > 0:
+            answer = sample_answer(model, tokenizer, dataset.prompt_messages(0), max_new_tokens, env)
+            print(f"sample prompt: {dataset.prompt_messages(0)[-1]['content']}\nsample answer ({when}): {answer}",
+                  flush=True)
+    return metrics
 
 
 def save_full_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -1,0 +1,225 @@
+"""One contract for every training recipe, checked by the same cases on each (torchtune's recipes drifted
+apart: its issue #2305). A recipe that stops honouring a part of it fails here.
+
+The contract: a typed config (an unknown key or a wrong type is refused), held-out evaluation before
+and after training, packing (``data.packing=true`` really packs: several documents per row reach the
+model), a custom loss named by import path, TensorBoard events with the recipe's tags, a progress
+bar, and exact resume (a run stopped right after a checkpoint and resumed gives the same losses and
+the same trained weights as the uninterrupted run).
+
+Adding a recipe is one entry in ``CASES`` (and, for a new kind of data, one entry in ``KINDS``).
+Distributed recipes run here as one plain process (no torchrun); tests/test_distributed_recipes.py
+runs them on two processes. Each case shares three runs (module fixture): the full run, the run
+stopped after its first checkpoint, and its resumption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recipe_helpers import run_until_checkpoint
+from tunesmith.models.llama import Llama
+from tunesmith.training.config import ConfigError, build_config
+
+STEPS, SAVE_AT = 4, 2
+
+# Custom losses named by import path (``contract_losses.CountingCE``); each records its calls.
+CONTRACT_LOSSES = '''
+from tunesmith.training.losses import CrossEntropyLoss
+from tunesmith.training.preference_losses import DPOLoss
+
+CALLS = []
+
+
+class CountingCE(CrossEntropyLoss):
+    def __call__(self, hidden, labels, head):
+        CALLS.append("sft")
+        return super().__call__(hidden, labels, head)
+
+
+class CountingDPO(DPOLoss):
+    def __call__(self, logps):
+        CALLS.append("preference")
+        return super().__call__(logps)
+'''
+
+SFT_TAGS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/peak_mem_gib", "val/loss"}
+PREFERENCE_TAGS = {"train/loss", "train/reward_acc", "train/margin", "train/lr", "train/grad_norm",
+                   "train/tokens_per_s", "train/peak_mem_gib", "rewards/chosen", "rewards/rejected",
+                   "logps/policy_chosen", "logps/reference_rejected", "val/reward_acc", "val/loss"}
+LORA = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj", "o_proj", "down_proj", "output"]}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a family of recipes trains on and reports."""
+
+    data: str  # the conftest fixture with its train/val files
+    loss: str  # the custom loss (import path) the contract plugs in
+    tags: frozenset[str]  # TensorBoard tags every run of the kind writes
+    held_out: Callable[[Any], float]  # the number a held-out evaluation reports
+
+
+KINDS = {
+    "sft": Kind("tiny_data", "contract_losses.CountingCE", frozenset(SFT_TAGS), lambda v: v),
+    "preference": Kind("tiny_pref_data", "contract_losses.CountingDPO", frozenset(PREFERENCE_TAGS), lambda v: v["loss"]),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One recipe under the contract.
+
+    Attributes:
+        recipe: Module name under ``tunesmith.recipes``.
+        kind: A key of ``KINDS``.
+        values: Config values of this recipe (beside the common ones below).
+        weights: Where the trained weights of a checkpoint are: ``trainable.safetensors`` (the
+            single-device format), or a Hugging Face folder (``hf``, ``merged``) for DCP recipes.
+        id: Test id (the recipe name unless one recipe has several cases).
+    """
+
+    recipe: str
+    kind: str
+    values: dict[str, Any] = field(default_factory=dict)
+    weights: str = "trainable.safetensors"
+    id: str = ""
+
+
+CASES = [
+    Case("lora_single_device", "sft", {"lora": LORA, "dtype": "fp32"}),
+    Case("qlora_single_device", "sft", {"lora": LORA}),  # its defaults: NF4 base, bf16
+    Case("lora_distributed", "sft", {"lora": LORA, "dtype": "fp32"}),
+    Case("qlora_distributed", "sft", {"lora": LORA}),
+    Case("full_finetune_distributed", "sft", {"dtype": "fp32", "lr": 1e-3}, weights="hf/model.safetensors"),
+    Case("dpo_single_device", "preference", {"lora": LORA, "dtype": "fp32"}),
+    Case("dpo_distributed", "preference", {"lora": LORA, "dtype": "fp32"}),
+    Case("dpo_distributed", "preference", {"full": True, "dtype": "fp32", "lr": 1e-3, "save_merged": True},
+         weights="merged/model.safetensors", id="dpo_distributed-full"),
+]
+
+
+def common_values(data: dict[str, Path], out: Path, kind: Kind) -> dict[str, Any]:
+    return {
+        "data": {"train": str(data["train"]), "val": str(data["val"]), "max_seq_len": 64, "packing": True},
+        "output_dir": str(out), "device": "cpu", "batch_size": 2, "max_steps": STEPS, "lr": 1e-2, "warmup_steps": 1,
+        "save_every": SAVE_AT, "eval_every": SAVE_AT, "keep_last": 0, "eval_batches": 1, "sample_max_new_tokens": 3,
+        "tensorboard": True, "loss": kind.loss,
+    }
+
+
+@dataclass
+class Runs:
+    case: Case
+    module: Any
+    values: Callable[[Path], dict[str, Any]]
+    full: dict
+    stdout: str
+    stderr: str
+    packed_rows: list[int]  # documents per row of every training forward (from a spy on the model)
+    resumed: dict
+    out: Path
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: c.id or c.recipe)
+def runs(request, tiny_llama_dir, tmp_path_factory) -> Runs:
+    case: Case = request.param
+    kind = KINDS[case.kind]
+    data = request.getfixturevalue(kind.data)
+    module = importlib.import_module(f"tunesmith.recipes.{case.recipe}")
+    tmp = tmp_path_factory.mktemp(case.id or case.recipe)
+    (tmp / "contract_losses.py").write_text(CONTRACT_LOSSES)
+
+    def values(out: Path) -> dict[str, Any]:
+        return {"model": str(tiny_llama_dir), **common_values(data, out, kind), **case.values}
+
+    packed_rows: list[int] = []
+    real_hidden_states = Llama.hidden_states
+
+    def spy(self, tokens, *, positions=None, document_ids=None):
+        if torch.is_grad_enabled() and document_ids is not None:
+            packed_rows.extend(int(row.unique().numel()) for row in document_ids)
+        return real_hidden_states(self, tokens, positions=positions, document_ids=document_ids)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 busy cores: oversubscription makes a tiny run many times slower
+    with pytest.MonkeyPatch.context() as patch:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            patch.delenv(key, raising=False)
+        patch.syspath_prepend(str(tmp))
+        sys.modules.pop("contract_losses", None)
+        patch.setattr(Llama, "hidden_states", spy)
+        stdout, stderr = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                full = module.main(build_config(module.Config, values(tmp / "full"), []))
+            spied = list(packed_rows)
+            run_until_checkpoint(patch, lambda: module.main(build_config(module.Config, values(tmp / "split"), [])),
+                                 stop_step=SAVE_AT)
+            resumed = module.main(build_config(module.Config, values(tmp / "split") | {"resume": True}, []))
+        finally:
+            torch.set_num_threads(threads)
+    return Runs(case, module, values, full, stdout.getvalue(), stderr.getvalue(), spied, resumed, tmp)
+
+
+def test_config_is_typed_and_unknown_keys_are_refused(runs):
+    good = runs.values(runs.out / "typed")
+    build_config(runs.module.Config, good, [])
+    with pytest.raises(ConfigError, match="unknown config key 'bach_size'.*did you mean batch_size"):
+        build_config(runs.module.Config, good, ["bach_size=4"])
+    with pytest.raises(ConfigError, match="config key 'max_steps'.*expects int, got 'four'"):
+        build_config(runs.module.Config, good, ["max_steps=four"])
+
+
+def test_held_out_evaluation_before_and_after(runs):
+    kind = KINDS[runs.case.kind]
+    before, after = kind.held_out(runs.full["held_out_before"]), kind.held_out(runs.full["held_out_after"])
+    assert before > 0 and after > 0 and after != before  # both measured, and training moved the model
+    assert "(before training)" in runs.stdout and "(after training)" in runs.stdout
+    assert "sample answer (before)" in runs.stdout and "sample answer (after)" in runs.stdout
+
+
+def test_packing_puts_several_documents_in_a_row(runs):
+    assert runs.packed_rows, "data.packing=true but no training forward received document ids"
+    assert max(runs.packed_rows) >= 3  # several documents (pairs: both responses) share a row
+
+
+def test_custom_loss_by_import_path(runs):
+    calls = sys.modules["contract_losses"].CALLS
+    assert calls.count(runs.case.kind) >= STEPS, "the configured loss class was not the one the recipe called"
+
+
+def test_tensorboard_has_the_expected_tags(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs.out / "full" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert KINDS[runs.case.kind].tags <= tags, sorted(KINDS[runs.case.kind].tags - tags)
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
+
+
+def test_progress_bar(runs):
+    assert "train:" in runs.stderr and "100%" in runs.stderr and "loss=" in runs.stderr
+
+
+def test_resume_after_a_checkpoint_gives_the_same_losses_and_weights(runs):
+    assert len(runs.resumed["losses"]) == STEPS - SAVE_AT
+    torch.testing.assert_close(torch.tensor(runs.resumed["losses"]), torch.tensor(runs.full["losses"][SAVE_AT:]),
+                               atol=1e-6, rtol=0)
+    a = load_file(runs.full["checkpoint"] / runs.case.weights)
+    b = load_file(runs.resumed["checkpoint"] / runs.case.weights)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
+    assert runs.full["losses"][-1] != runs.full["losses"][0]  # it trained
