@@ -61,10 +61,10 @@ def test_uneven_nf4_rows_are_refused_before_anything_is_sharded(tiny_llama_dir, 
 
 
 @pytest.mark.parametrize("args,message", [
-    (["lora_single_device", "--nproc-per-node", "2"], "runs on one device; --nproc-per-node needs a distributed recipe"),
+    (["lora_single_device", "--nproc-per-node", "2"], "runs in one process; --nproc-per-node needs a distributed recipe"),
     (["lora_distributed", "--nproc-per-node", "2", "optimizer=adamw8bit"], "optimizer=adamw8bit: bitsandbytes"),
-    (["lora_distributed", "--nproc-per-node", "3"], "batch_size=8 must be a multiple of the number of processes"),
-    (["lora_distributed", "compute_dtype=bf16", "--dry-run", "model=smollm2_135m"], None),  # a dry run plans
+    (["lora_distributed", "--nproc-per-node", "3"], "'batch_size' = 8 must be a multiple of the number of processes"),
+    (["lora_distributed", "compute_dtype=bf16", "--dry-run", "model=HuggingFaceTB/SmolLM2-135M"], None),  # a dry run plans
 ])
 def test_launch_checks_run_before_torchrun_starts(args, message, capsys):
     recipe, *rest = args
@@ -108,7 +108,7 @@ def test_dry_run_prints_the_estimate_per_rank_of_the_launch(tiny_llama_dir, tiny
     assert cli.main(["dpo_single_device", "--config", str(config), "--dry-run"]) == 0
     assert "reference" in capsys.readouterr().out  # DPO's estimate on one device too
     assert cli.main(["full_finetune_distributed", "--config", "tiny_full_cpu", "--dry-run", "--nnodes", "2",
-                     "--nproc-per-node", "2", "model=smollm2_135m"]) == 0  # a builder name: no file to parse
+                     "--nproc-per-node", "2", "model=HuggingFaceTB/SmolLM2-135M"]) == 0  # a known Hub id: no file to fetch
     assert "per rank, 4 processes" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
     assert full_finetune_distributed.estimate_memory  # every distributed recipe has one

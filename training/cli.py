@@ -224,8 +224,8 @@ def run(recipe: str, args: list[str]) -> int:
         raise ConfigError(f"missing --config: name a bundled config (`tune-run ls`) or a YAML file\n{USAGE}")
     module = load_recipe(recipe)
     if launch and not issubclass(module.Config, ShardingOptions):
-        raise ConfigError(f"{recipe} runs on one device; the launch flags ({' '.join(launch[::2])}) need a distributed "
-                          "recipe (lora_distributed, qlora_distributed, dpo_distributed, full_finetune_distributed)")
+        raise ConfigError(f"{recipe} runs in one process; {' '.join(launch[::2])} needs a distributed recipe "
+                          "(lora_distributed, qlora_distributed, dpo_distributed, full_finetune_distributed)")
     config_path = resolve_config_path(config)
     with _as_launched(launch):
         cfg = build_config(module.Config, load_yaml(config_path), overrides, yaml_name=str(config_path))

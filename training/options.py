@@ -221,10 +221,13 @@ class ShardingOptions:
     reshard_after_forward: bool = True
 
     def validate(self) -> None:
-        """What the launch cannot honour (``sharding.check_sharding``), for the launch this config runs
+        """What a launch cannot honour (``sharding.check_sharding``: 8-bit AdamW on shards, a global
+        micro-batch that does not split over the processes), checked for the launch this config runs
         under: torchrun sets ``WORLD_SIZE`` in each process, and ``tune-run`` sets it while it checks a
-        config it is about to launch, so the error comes once, before any process starts."""
+        config it is about to launch, so the error comes once, before any process starts. Without a
+        launch (a dry run, one plain process) the recipe checks what it can honour when it starts."""
         from tunesmith.training.sharding import check_sharding
 
         world = os.environ.get("WORLD_SIZE")
-        check_sharding(self, sharded=world is not None, world_size=int(world or 1))
+        if world is not None:
+            check_sharding(self, sharded=True, world_size=int(world))

@@ -47,8 +47,8 @@ def check_sharding(cfg: Any, sharded: bool, world_size: int) -> None:
         raise ConfigError(f"optimizer={cfg.optimizer}: bitsandbytes' 8-bit AdamW cannot step FSDP's DTensor shards; "
                           "use optimizer=adamw (sharding already splits the optimizer state over the processes)")
     if cfg.batch_size % world_size:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the number of processes ({world_size}): "
-                          "it is the global micro-batch, each process takes batch_size / processes of it")
+        raise ConfigError(f"config key 'batch_size' = {cfg.batch_size} must be a multiple of the number of processes "
+                          f"({world_size}): it is the global micro-batch, each process takes batch_size / processes of it")
 
 
 def sharding_options(cfg: Any, env: DistEnv) -> dict[str, Any]:
