@@ -6,11 +6,13 @@ asks this module four things and nothing more:
 
 * ``config_from_hf(d)`` / ``config_to_hf(cfg)``: HF ``config.json`` ↔ ``LlamaConfig``;
 * ``hf_to_ours(cfg)``: every HF parameter name → our state-dict name (``None`` = skip it);
-* ``config_from_gguf(meta)`` / ``gguf_to_ours(cfg)`` / ``fix_gguf_tensor(...)``: the same for GGUF.
+* ``config_from_gguf(meta)`` / ``gguf_to_ours(cfg)`` / ``fix_gguf_tensor(...)``: the same for GGUF;
+* ``config_to_gguf(cfg)`` / ``ours_to_gguf(cfg)`` / ``to_gguf_tensor(...)`` / ``extra_gguf_tensors(cfg)``:
+  their inverses, for the GGUF writer (``models/gguf_writer.py``).
 
 A Llama checkpoint's layout is identical to ours apart from the names (HF stores nn.Linear weights
 as [out, in], as we do), so the table below is the whole conversion. GGUF additionally permutes the
-rows of Q and K; ``unpermute_qk`` undoes that.
+rows of Q and K; ``unpermute_qk`` undoes that and ``permute_qk`` redoes it.
 """
 
 from __future__ import annotations
@@ -274,4 +276,80 @@ def fix_gguf_tensor(our_name: str, w: Tensor, cfg: LlamaConfig) -> Tensor:
         return unpermute_qk(w, cfg.num_heads)
     if our_name.endswith("attn.k_proj.weight"):
         return unpermute_qk(w, cfg.num_kv_heads)
+    return w
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF out: what the writer (models/gguf_writer.py) asks, each the inverse of a loading function above
+# ------------------------------------------------------------------------------------------------
+def ours_to_gguf(cfg: LlamaConfig) -> dict[str, str]:
+    """Our name of every tensor a GGUF file for ``cfg`` stores → its GGUF name (``gguf_to_ours`` inverted).
+
+    A tied head has no ``output.weight`` in GGUF (llama.cpp reuses ``token_embd.weight``).
+    """
+    return {ours: theirs for theirs, ours in gguf_to_ours(cfg).items() if ours is not None}
+
+
+def config_to_gguf(cfg: LlamaConfig) -> dict[str, Any]:
+    """GGUF metadata for ``cfg``: ``general.architecture`` and the ``llama.*`` keys llama.cpp reads.
+
+    ``config_from_gguf`` reads these back to ``cfg`` (with the tokenizer's BOS/EOS ids). Llama 3.x
+    RoPE scaling is not metadata but the ``rope_freqs.weight`` tensor (``extra_gguf_tensors``).
+
+    Raises:
+        ValueError: a RoPE scaling llama.cpp's Llama cannot run.
+    """
+    kind = (cfg.rope_scaling or {}).get("rope_type")
+    if kind not in (None, "default", "llama3", "linear"):
+        raise ValueError(f"rope_scaling type {kind!r} has no GGUF encoding for Llama here (supported: llama3, linear)")
+    a = "llama"
+    meta: dict[str, Any] = {
+        "general.architecture": a,
+        f"{a}.context_length": cfg.max_seq_len,
+        f"{a}.embedding_length": cfg.hidden_size,
+        f"{a}.block_count": cfg.num_layers,
+        f"{a}.feed_forward_length": cfg.intermediate_size,
+        f"{a}.attention.head_count": cfg.num_heads,
+        f"{a}.attention.head_count_kv": cfg.num_kv_heads,
+        f"{a}.attention.key_length": cfg.head_dim,
+        f"{a}.attention.value_length": cfg.head_dim,
+        f"{a}.attention.layer_norm_rms_epsilon": float(cfg.norm_eps),
+        f"{a}.rope.freq_base": float(cfg.rope_theta),
+        f"{a}.rope.dimension_count": cfg.head_dim,
+        f"{a}.vocab_size": cfg.vocab_size,
+    }
+    if kind == "linear":
+        meta[f"{a}.rope.scaling.type"] = "linear"
+        meta[f"{a}.rope.scaling.factor"] = float(cfg.rope_scaling["factor"])
+    return meta
+
+
+def extra_gguf_tensors(cfg: LlamaConfig) -> dict[str, Tensor]:
+    """Tensors a GGUF file needs beyond the weights: Llama 3.x's ``rope_freqs.weight``, the number
+    llama.cpp divides each RoPE frequency by (what ``llama3_scaling_from_rope_freqs`` reads back)."""
+    if (cfg.rope_scaling or {}).get("rope_type") != "llama3":
+        return {}
+    plain = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+    return {"rope_freqs.weight": plain / rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
+
+
+def permute_qk(w: Tensor, n_heads: int) -> Tensor:
+    """llama.cpp's Q/K row permutation (``unpermute_qk`` inverted): per head, rows
+    [first half | second half] become interleaved pairs [h0, s0, h1, s1, …] for its adjacent-pair RoPE.
+
+    Args:
+        w: Our weight [n_heads * hd, in].
+        n_heads: Heads in this projection (query heads for Q, key/value heads for K).
+    """
+    out_dim, in_dim = w.shape
+    hd = out_dim // n_heads
+    return w.reshape(n_heads, 2, hd // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def to_gguf_tensor(our_name: str, w: Tensor, cfg: LlamaConfig) -> Tensor:
+    """Our parameter ``our_name`` in the layout llama.cpp expects (``fix_gguf_tensor`` inverted)."""
+    if our_name.endswith("attn.q_proj.weight"):
+        return permute_qk(w, cfg.num_heads)
+    if our_name.endswith("attn.k_proj.weight"):
+        return permute_qk(w, cfg.num_kv_heads)
     return w
