@@ -21,6 +21,7 @@ import re
 from typing import Any
 
 from tunesmith.data.tokenizer import Tokenizer
+from tunesmith.data.tokenizer_files import adds_bos_eos, is_sentencepiece
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 # llama.cpp's pre-tokenizer names whose splitting gguf_tokenizer rebuilds, tried in this order.
@@ -48,7 +49,7 @@ def gguf_tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int, base: Any = N
     """
     if base is not None:
         meta = _copy_from_gguf(base)
-    elif isinstance(tokenizer.backend, _sentencepiece_type()):
+    elif is_sentencepiece(tokenizer):
         meta = _from_sentencepiece(tokenizer)
     else:
         meta = _from_tokenizers(tokenizer)
@@ -57,12 +58,6 @@ def gguf_tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int, base: Any = N
     else:
         meta.pop("tokenizer.chat_template", None)
     return _pad(meta, vocab_size)
-
-
-def _sentencepiece_type() -> type:
-    import sentencepiece
-
-    return sentencepiece.SentencePieceProcessor
 
 
 def _copy_from_gguf(base: Any) -> dict[str, Any]:
@@ -74,13 +69,10 @@ def _copy_from_gguf(base: Any) -> dict[str, Any]:
 
 def _special_ids(tokenizer: Tokenizer) -> dict[str, Any]:
     """BOS/EOS/padding ids and whether ``encode`` adds BOS/EOS, as llama.cpp's keys."""
-    plain, full = tokenizer.encode("a", add_special_tokens=False), tokenizer.encode("a")
-    bos, eos = tokenizer.bos_id, tokenizer.eos_id
-    meta: dict[str, Any] = {
-        "tokenizer.ggml.add_bos_token": bos is not None and len(full) > len(plain) and full[0] == bos,
-        "tokenizer.ggml.add_eos_token": eos is not None and len(full) > len(plain) and full[-1] == eos,
-    }
-    for key, value in (("bos", bos), ("eos", eos), ("padding", tokenizer.token_to_id(tokenizer.pad_token))):
+    add_bos, add_eos = adds_bos_eos(tokenizer)
+    meta: dict[str, Any] = {"tokenizer.ggml.add_bos_token": add_bos, "tokenizer.ggml.add_eos_token": add_eos}
+    for key, value in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id),
+                       ("padding", tokenizer.token_to_id(tokenizer.pad_token))):
         if value is not None:
             meta[f"tokenizer.ggml.{key}_token_id"] = value
     return meta
