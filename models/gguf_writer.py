@@ -47,6 +47,7 @@ FILE_TYPES: dict[str, tuple[int, int]] = {
     "bf16": (30, 32),  # BF16, MOSTLY_BF16
     "q8_0": (8, 7),   # Q8_0, MOSTLY_Q8_0
     "q4_0": (2, 2),   # Q4_0, MOSTLY_Q4_0
+    "q4_1": (3, 3),   # Q4_1, MOSTLY_Q4_1
 }
 F32, F16, Q8_0 = 0, 1, 8
 
@@ -71,7 +72,7 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], file_type: str, tied: bo
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
         return F32
     is_head = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
-    if file_type == "q4_0" and is_head:
+    if file_type in ("q4_0", "q4_1") and is_head:
         weights = Q8_0
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(weights)][0]
     return weights if shape[-1] % block == 0 else F16

@@ -14,26 +14,17 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from export_helpers import with_lora  # noqa: E402
+
 from tunesmith.data import load_tokenizer  # noqa: E402
 from tunesmith.data.gguf_vocab import gguf_tokenizer_metadata  # noqa: E402
-from tunesmith.models import apply_lora, load_pretrained  # noqa: E402
+from tunesmith.models import load_pretrained  # noqa: E402
 from tunesmith.models import builders, gemma_builders, gemma_hf, llama_hf  # noqa: E402
 from tunesmith.models.gguf_loader import read_metadata  # noqa: E402
 from tunesmith.models.gguf_writer import merged_tensors, save_gguf  # noqa: E402
 from tunesmith.models.llama import Llama  # noqa: E402
-from tunesmith.models.lora import LoRALinear  # noqa: E402
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "output"]
-
-
-def with_lora(model, targets=ALL_TARGETS, seed=0):
-    apply_lora(model, targets, rank=4, alpha=8.0)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoRALinear):
-                m.lora_b.weight.normal_(0, 0.05)
-    return model.eval()
 
 
 def gemma_hf_model(version: int, vocab: int, path):
@@ -95,7 +86,7 @@ def test_llama3_rope_scaling_tied_head_with_lora_and_gemma1_round_trip_through_o
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192})
     torch.manual_seed(0)
-    llama = with_lora(Llama(cfg))
+    llama = with_lora(Llama(cfg), ALL_TARGETS)
     gemma1 = with_lora(load_pretrained(str(gemma1_dir(tok.vocab_size, tmp_path / "g1"))), ALL_TARGETS[:-1])
     for model, name in ((llama, "llama"), (gemma1, "gemma1")):
         path = export(model, tok, tmp_path / f"{name}.gguf")
@@ -122,7 +113,7 @@ def gemma1_dir(vocab, path):
 
 @pytest.fixture(scope="module")
 def tiny_merged(tiny_llama_dir):
-    return with_lora(load_pretrained(str(tiny_llama_dir)))
+    return with_lora(load_pretrained(str(tiny_llama_dir)), ALL_TARGETS)
 
 
 @pytest.mark.parametrize("file_type", ["f16", "bf16", "q8_0", "q4_0"])
