@@ -17,11 +17,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data import TOKENIZER_FILES as TOKENIZER_ONLY
 from tunesmith.data.tokenizer import Tokenizer
 
-# Tokenizer-side files of a HF model folder (the chat template may live in its own file).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json")
+# What a saved model folder carries beside its weights: the tokenizer's files and the generation config.
+TOKENIZER_FILES = (*TOKENIZER_ONLY, "generation_config.json")
 
 
 def write_tokenizer_files(tokenizer: Tokenizer, out_dir: str | Path, source_dir: str | Path | None = None) -> list[Path]:

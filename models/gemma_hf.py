@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from tunesmith.models.gemma import GLOBAL, SLIDING, GemmaConfig, default_layer_types
-from tunesmith.models.llama_hf import expand_names
+from tunesmith.models.llama_hf import expand_names, gguf_shape_metadata
 
 HF_MODEL_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text"}
 HF_ARCHITECTURES = {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM"}
@@ -383,20 +383,7 @@ def config_to_gguf(cfg: GemmaConfig) -> dict[str, Any]:
     kind = (cfg.rope_scaling or {}).get("rope_type")
     if kind not in (None, "default", "linear"):
         raise ValueError(f"rope_scaling type {kind!r} has no GGUF encoding for Gemma here (supported: linear)")
-    meta: dict[str, Any] = {
-        "general.architecture": a,
-        f"{a}.context_length": cfg.max_seq_len,
-        f"{a}.embedding_length": cfg.hidden_size,
-        f"{a}.block_count": cfg.num_layers,
-        f"{a}.feed_forward_length": cfg.intermediate_size,
-        f"{a}.attention.head_count": cfg.num_heads,
-        f"{a}.attention.head_count_kv": cfg.num_kv_heads,
-        f"{a}.attention.key_length": cfg.head_dim,
-        f"{a}.attention.value_length": cfg.head_dim,
-        f"{a}.attention.layer_norm_rms_epsilon": float(cfg.norm_eps),
-        f"{a}.rope.freq_base": float(cfg.rope_theta),
-        f"{a}.vocab_size": cfg.vocab_size,
-    }
+    meta = gguf_shape_metadata(a, cfg)
     if v >= 2:
         meta[f"{a}.attention.sliding_window"] = cfg.sliding_window
     if v == 2:
@@ -404,9 +391,6 @@ def config_to_gguf(cfg: GemmaConfig) -> dict[str, Any]:
         meta[f"{a}.final_logit_softcapping"] = float(cfg.final_logit_softcapping)
     if v == 3:
         meta[f"{a}.rope.freq_base_swa"] = float(cfg.rope_local_theta)
-    if kind == "linear":
-        meta[f"{a}.rope.scaling.type"] = "linear"
-        meta[f"{a}.rope.scaling.factor"] = float(cfg.rope_scaling["factor"])
     return meta
 
 

@@ -302,25 +302,31 @@ def config_to_gguf(cfg: LlamaConfig) -> dict[str, Any]:
     kind = (cfg.rope_scaling or {}).get("rope_type")
     if kind not in (None, "default", "llama3", "linear"):
         raise ValueError(f"rope_scaling type {kind!r} has no GGUF encoding for Llama here (supported: llama3, linear)")
-    a = "llama"
+    meta = gguf_shape_metadata("llama", cfg)
+    meta["llama.rope.dimension_count"] = cfg.head_dim
+    return meta
+
+
+def gguf_shape_metadata(arch: str, cfg: Any) -> dict[str, Any]:
+    """The GGUF keys every decoder family shares (sizes, heads, norm epsilon, RoPE base and linear
+    scaling), under ``arch``, for a config with ``LlamaConfig``'s field names."""
     meta: dict[str, Any] = {
-        "general.architecture": a,
-        f"{a}.context_length": cfg.max_seq_len,
-        f"{a}.embedding_length": cfg.hidden_size,
-        f"{a}.block_count": cfg.num_layers,
-        f"{a}.feed_forward_length": cfg.intermediate_size,
-        f"{a}.attention.head_count": cfg.num_heads,
-        f"{a}.attention.head_count_kv": cfg.num_kv_heads,
-        f"{a}.attention.key_length": cfg.head_dim,
-        f"{a}.attention.value_length": cfg.head_dim,
-        f"{a}.attention.layer_norm_rms_epsilon": float(cfg.norm_eps),
-        f"{a}.rope.freq_base": float(cfg.rope_theta),
-        f"{a}.rope.dimension_count": cfg.head_dim,
-        f"{a}.vocab_size": cfg.vocab_size,
+        "general.architecture": arch,
+        f"{arch}.context_length": cfg.max_seq_len,
+        f"{arch}.embedding_length": cfg.hidden_size,
+        f"{arch}.block_count": cfg.num_layers,
+        f"{arch}.feed_forward_length": cfg.intermediate_size,
+        f"{arch}.attention.head_count": cfg.num_heads,
+        f"{arch}.attention.head_count_kv": cfg.num_kv_heads,
+        f"{arch}.attention.key_length": cfg.head_dim,
+        f"{arch}.attention.value_length": cfg.head_dim,
+        f"{arch}.attention.layer_norm_rms_epsilon": float(cfg.norm_eps),
+        f"{arch}.rope.freq_base": float(cfg.rope_theta),
+        f"{arch}.vocab_size": cfg.vocab_size,
     }
-    if kind == "linear":
-        meta[f"{a}.rope.scaling.type"] = "linear"
-        meta[f"{a}.rope.scaling.factor"] = float(cfg.rope_scaling["factor"])
+    if (cfg.rope_scaling or {}).get("rope_type") == "linear":
+        meta[f"{arch}.rope.scaling.type"] = "linear"
+        meta[f"{arch}.rope.scaling.factor"] = float(cfg.rope_scaling["factor"])
     return meta
 
 

@@ -29,15 +29,17 @@ ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 def gemma_hf_model(version: int, vocab: int, path):
     """A random HF Gemma that llama.cpp and transformers' GGUF loader can both express: head_dim 256 =
-    query_pre_attn_scalar (both hard-code it), Gemma 2's default soft-caps, Gemma 3's 5:1 layers."""
+    query_pre_attn_scalar for 2/3 (both hard-code it), Gemma 2's default soft-caps, Gemma 3's 5:1 layers."""
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_attention_heads=2, head_dim=256,
                   num_key_value_heads=1, max_position_embeddings=128, rms_norm_eps=1e-6)
-    if version == 2:
+    if version == 1:
+        cfg = transformers.GemmaConfig(**{**common, "head_dim": 32}, num_hidden_layers=2)
+    elif version == 2:
         cfg = transformers.Gemma2Config(**common, num_hidden_layers=4, sliding_window=8, query_pre_attn_scalar=256)
     else:
         cfg = transformers.Gemma3TextConfig(**common, num_hidden_layers=7, sliding_window=8, query_pre_attn_scalar=256)
     torch.manual_seed(version)
-    model = getattr(transformers, {2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM"}[version])(cfg)
+    model = getattr(transformers, {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM"}[version])(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0, 0.3 if "norm" in name else 0.1)
@@ -87,7 +89,7 @@ def test_llama3_rope_scaling_tied_head_with_lora_and_gemma1_round_trip_through_o
         "original_max_position_embeddings": 8192})
     torch.manual_seed(0)
     llama = with_lora(Llama(cfg), ALL_TARGETS)
-    gemma1 = with_lora(load_pretrained(str(gemma1_dir(tok.vocab_size, tmp_path / "g1"))), ALL_TARGETS[:-1])
+    gemma1 = with_lora(load_pretrained(str(gemma_hf_model(1, tok.vocab_size, tmp_path / "g1"))), ALL_TARGETS[:-1])
     for model, name in ((llama, "llama"), (gemma1, "gemma1")):
         path = export(model, tok, tmp_path / f"{name}.gguf")
         back = load_pretrained(str(path))
@@ -97,18 +99,6 @@ def test_llama3_rope_scaling_tied_head_with_lora_and_gemma1_round_trip_through_o
     reader = gguf.GGUFReader(tmp_path / "llama.gguf")
     names = {t.name for t in reader.tensors}
     assert {"rope_freqs.weight", "output.weight", "token_embd.weight"} <= names
-
-
-def gemma1_dir(vocab, path):
-    cfg = transformers.GemmaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=32)
-    torch.manual_seed(1)
-    model = transformers.GemmaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.3 if "norm" in name else 0.1)
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
