@@ -86,9 +86,12 @@ def merged_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """
     from tunesmith.models.lora import LoRALinear
 
-    lora = {f"{n}.weight" if n else "weight": m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-    adapter = {f"{n}.{part}.weight" for n in (k.removesuffix("weight").rstrip(".") for k in lora)
-               for part in ("lora_a", "lora_b")}
+    lora: dict[str, LoRALinear] = {}  # base weight's name → its LoRA layer
+    adapter: set[str] = set()
+    for n, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            lora[f"{n}.weight"] = m
+            adapter |= {f"{n}.lora_a.weight", f"{n}.lora_b.weight"}
     for name, p in model.named_parameters(remove_duplicate=False):
         if name in adapter:
             continue

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch

@@ -10,7 +10,7 @@ failed upload leaves the repo as it was.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ def model_card(
     dataset: str | None = None,
     config_yaml: str | None = None,
     held_out: Mapping[str, float] | None = None,
-    files: list[str] = (),
+    files: Sequence[str] = (),
 ) -> str:
     """The README.md of the repo: Hub metadata (base model, dataset, library) and what was trained how.
 
