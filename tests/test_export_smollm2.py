@@ -92,7 +92,9 @@ def test_quantized_exports_stay_within_their_error_and_answer_the_demo_prompt(fi
     mean_bound, top1_bound = {"q8_0": (0.5, 0.95), "q4_0": (6.0, 0.45)}[file_type]
     assert (got - ref).abs().mean().item() <= mean_bound
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= top1_bound
-    answer = tok.decode(generate(quantized, prompt, max_new_tokens=28, temperature=0.0, stop_ids=tok.stop_ids))
+    # q4_0's answer nests the fields ({"user": {"user_name": …}}), so it needs more tokens to reach "Porto".
+    answer = tok.decode(generate(quantized, prompt, max_new_tokens={"q8_0": 28, "q4_0": 48}[file_type],
+                                 temperature=0.0, stop_ids=tok.stop_ids))
     if file_type == "q8_0":  # the same greedy answer as the unquantized merged model
         assert answer == tok.decode(generate(model, prompt, max_new_tokens=28, temperature=0.0, stop_ids=tok.stop_ids))
     for value in ("Ana", "41", "Porto"):

@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from export_helpers import with_lora  # noqa: E402
+from test_gemma_tokenizer import tokenizer_dirs  # noqa: E402, F401  (a tiny Gemma-style SentencePiece model)
 
 from tunesmith.data import load_tokenizer  # noqa: E402
 from tunesmith.data.gguf_vocab import gguf_tokenizer_metadata  # noqa: E402
@@ -192,3 +193,20 @@ def test_transformers_reads_our_gguf_vocabulary_as_the_original(tiny_llama_dir, 
     meta = read_metadata(gguf.GGUFReader(path))
     assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("gpt2", "gpt2")
     assert meta["tokenizer.chat_template"] == tok.chat_template
+
+
+@pytest.mark.parametrize("source", ["spm", "json"])
+def test_sentencepiece_style_vocabulary_reads_back_in_transformers(source, tokenizer_dirs, tmp_path):
+    # A Gemma-style SentencePiece BPE, as tokenizer.model (pieces, scores, types from the proto) and as
+    # tokenizer.json (byte-fallback BPE: scores from the id order): transformers' GGUF tokenizer, which
+    # rebuilds the merges from the scores, must tokenize like the original.
+    folder = tokenizer_dirs[0 if source == "spm" else 1]
+    tok = load_tokenizer(str(folder))
+    model = load_pretrained(str(gemma_hf_model(3, tok.vocab_size, tmp_path / "hf")))
+    path = export(model, tok, tmp_path / "model-q8_0.gguf", "q8_0")
+    meta = read_metadata(gguf.GGUFReader(path))
+    assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.add_bos_token"]) == ("llama", True)
+    theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    original = transformers.AutoTokenizer.from_pretrained(tokenizer_dirs[1])
+    for text in ["the quick brown fox 1234.", "  indented\tline\n\nnext", "ünïcödé 日本語 🙂", "<start_of_turn>user\nhi"]:
+        assert theirs(text).input_ids == original(text).input_ids == tok.encode(text), text
