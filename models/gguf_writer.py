@@ -1,4 +1,4 @@
-"""Write our model as a llama.cpp GGUF file (f32, f16, bf16, q8_0, q4_0), one tensor at a time.
+"""Write our model as a llama.cpp GGUF file (f32, f16, bf16, q8_0, q4_0, q4_1), one tensor at a time.
 
     model config ─► family.config_to_gguf ─────────────┐
     tokenizer metadata (tunesmith.data.gguf_vocab) ────┼─► header: metadata + every tensor's name/shape/type
@@ -18,7 +18,7 @@ plugs in by providing those four.
 
 Tensor types follow llama.cpp's own tools: 1-D tensors (norms, ``rope_freqs``) stay F32 in every file,
 as its converter writes them; a row length the block size does not divide falls back to F16, as its
-converter does. In ``q4_0`` files the output head (or the tied embedding that serves as it) is Q8_0:
+converter does. In ``q4_0`` / ``q4_1`` files the output head (or the tied embedding that serves as it) is Q8_0:
 ``llama-quantize`` gives it Q6_K, which the ``gguf`` package cannot quantize (it quantizes only the
 legacy 32-value-block types), and Q8_0 is llama.cpp's own fallback for Q6_K (SmolLM2's published
 Q4_1 file has its tied embedding in Q8_0 for that reason). K-quants (q4_k_m) are left out for the same
@@ -169,8 +169,8 @@ def save_gguf(
     Args:
         model: A native model (Llama, Gemma), optionally with LoRA layers (dense or NF4 bases).
         path: The ``.gguf`` file to write.
-        file_type: ``f32``, ``f16``, ``bf16``, ``q8_0`` or ``q4_0`` (see ``tensor_type`` for which
-            tensors keep a wider type).
+        file_type: ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0`` or ``q4_1`` (see ``tensor_type`` for
+            which tensors keep a wider type).
         tokenizer: The ``tokenizer.*`` metadata, from ``tunesmith.data.gguf_vocab.gguf_tokenizer_metadata``
             (vocabulary padded to the model's ``vocab_size``).
         tensors: The merged weights as (our parameter name, dense tensor) pairs, one at a time, in

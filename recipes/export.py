@@ -49,7 +49,7 @@ class Config:
         merged: Write the merged model as a HF folder (``export_dir/merged``).
         merged_dtype: dtype of the merged folder's weights: fp32, bf16 or fp16.
         gguf: GGUF files to write, ``export_dir/gguf/model-<type>.gguf``: any of f32, f16, bf16, q8_0,
-            q4_0 (``[]``: none). The Ollama ``Modelfile`` beside them points at the first.
+            q4_0, q4_1 (``[]``: none). The Ollama ``Modelfile`` beside them points at the first.
         name: The model's name in the GGUF metadata; unset: the run's folder name.
         push_to_hub: Hub repo id (``user/name``) to upload the merged files, GGUF files and adapter to,
             with a model card; unset: no upload. The token comes from ``HF_TOKEN``.
