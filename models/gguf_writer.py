@@ -18,8 +18,8 @@ plugs in by providing those four.
 
 Tensor types follow llama.cpp's own tools: 1-D tensors (norms, ``rope_freqs``) stay F32 in every file,
 as its converter writes them; a row length the block size does not divide falls back to F16, as its
-converter does. In ``q4_0`` / ``q4_1`` files the output head (or the tied embedding that serves as it) is Q8_0:
-``llama-quantize`` gives it Q6_K, which the ``gguf`` package cannot quantize (it quantizes only the
+converter does. In ``q4_0`` / ``q4_1`` files the output head (or the tied embedding that serves as
+it) is Q8_0: ``llama-quantize`` gives it Q6_K, which the ``gguf`` package cannot quantize (it quantizes only the
 legacy 32-value-block types), and Q8_0 is llama.cpp's own fallback for Q6_K (SmolLM2's published
 Q4_1 file has its tied embedding in Q8_0 for that reason). K-quants (q4_k_m) are left out for the same
 reason: gguf 0.19 can read them but not write them.
