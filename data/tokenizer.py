@@ -414,6 +414,12 @@ class Tokenizer:
         return self._backend.vocab_size
 
     @property
+    def backend(self) -> Any:
+        """The ``tokenizers.Tokenizer`` or ``sentencepiece.SentencePieceProcessor`` underneath (what
+        the exporters write out as tokenizer.json / GGUF metadata)."""
+        return self._backend.tok if isinstance(self._backend, _TokenizersBackend) else self._backend.sp
+
+    @property
     def special_ids(self) -> set[int]:
         """Ids of special (control) tokens: BOS, EOS, chat markers."""
         return self._backend.special_ids()

@@ -6,12 +6,14 @@ reader/writer (``hf_checkpoint.py``, ``gguf_loader.py``, ``peft_adapter.py``) ha
 * ``config_from_hf(d)`` / ``config_to_hf(cfg)``: HF ``config.json`` ↔ ``GemmaConfig``
   (``model_type`` ``gemma``, ``gemma2``, ``gemma3_text``);
 * ``hf_to_ours(cfg)``: every HF parameter name → our state-dict name (``None`` = skip it);
-* ``config_from_gguf(meta)`` / ``gguf_to_ours(cfg)`` / ``fix_gguf_tensor(...)``: the same for GGUF.
+* ``config_from_gguf(meta)`` / ``gguf_to_ours(cfg)`` / ``fix_gguf_tensor(...)``: the same for GGUF;
+* ``config_to_gguf(cfg)`` / ``ours_to_gguf(cfg)`` / ``to_gguf_tensor(...)`` / ``extra_gguf_tensors(cfg)``:
+  their inverses, for the GGUF writer (``models/gguf_writer.py``).
 
 Two Gemma-specific traps live here. First, HF's ``post_attention_layernorm`` is the norm *before the
 MLP* in Gemma 1 (as in Llama) but the norm *after attention* in Gemma 2/3, where the pre-MLP norm is
 ``pre_feedforward_layernorm``. Second, llama.cpp's converter stores every Gemma norm weight with the
-``+ 1`` of ``(1 + w)`` already added; ``fix_gguf_tensor`` subtracts it again. Gemma's Q and K rows are
+``+ 1`` of ``(1 + w)`` already added; ``fix_gguf_tensor`` subtracts it again, ``to_gguf_tensor`` adds it. Gemma's Q and K rows are
 *not* permuted in GGUF (llama.cpp runs Gemma with the same "rotate half" RoPE as HF).
 """
 
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor
 
 from tunesmith.models.gemma import GLOBAL, SLIDING, GemmaConfig, default_layer_types
-from tunesmith.models.llama_hf import expand_names
+from tunesmith.models.llama_hf import expand_names, gguf_shape_metadata
 
 HF_MODEL_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text"}
 HF_ARCHITECTURES = {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM"}
@@ -344,4 +346,61 @@ def fix_gguf_tensor(our_name: str, w: Tensor, cfg: GemmaConfig) -> Tensor:
     """
     if our_name.endswith("norm.weight"):
         return w - 1.0
+    return w
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF out: what the writer (models/gguf_writer.py) asks, each the inverse of a loading function above
+# ------------------------------------------------------------------------------------------------
+def ours_to_gguf(cfg: GemmaConfig) -> dict[str, str]:
+    """Our name of every tensor a GGUF file for ``cfg`` stores → its GGUF name (``gguf_to_ours`` inverted)."""
+    return {ours: theirs for theirs, ours in gguf_to_ours(cfg).items() if ours is not None}
+
+
+def config_to_gguf(cfg: GemmaConfig) -> dict[str, Any]:
+    """GGUF metadata for ``cfg``: ``general.architecture`` and the ``gemma*.`` keys llama.cpp reads.
+
+    llama.cpp hard-codes part of Gemma (see ``config_from_gguf``), so a config that differs there
+    cannot be written faithfully and is refused rather than silently run differently.
+
+    Raises:
+        ValueError: an untied head on Gemma 1/2 (llama.cpp always ties them), a
+            ``query_pre_attn_scalar`` other than the one llama.cpp derives, a layer pattern other than
+            Gemma 2's alternation / Gemma 3's 5:1, or RoPE scaling other than linear.
+    """
+    v = cfg.version
+    a = {v: k for k, v in GGUF_ARCHITECTURES.items()}[v]
+    if not cfg.tie_embeddings and v < 3:
+        raise ValueError(f"llama.cpp's {a} always ties the output head to the embeddings; this model's head "
+                         "is untied (e.g. LoRA on 'output'): export the HF folder or drop 'output' from the targets")
+    is_27b = (v, cfg.num_layers) in ((2, 46), (3, 62))
+    expected_scalar = cfg.hidden_size // cfg.num_heads if is_27b else cfg.head_dim
+    if cfg.query_pre_attn_scalar != expected_scalar:
+        raise ValueError(f"query_pre_attn_scalar={cfg.query_pre_attn_scalar}: llama.cpp's {a} scales attention by "
+                         f"{expected_scalar} ** -0.5 for this shape, so the GGUF file would run a different model")
+    if v >= 2 and cfg.layer_types != default_layer_types(v, cfg.num_layers):
+        raise ValueError(f"layer_types {cfg.layer_types} differ from the pattern llama.cpp's {a} assumes")
+    kind = (cfg.rope_scaling or {}).get("rope_type")
+    if kind not in (None, "default", "linear"):
+        raise ValueError(f"rope_scaling type {kind!r} has no GGUF encoding for Gemma here (supported: linear)")
+    meta = gguf_shape_metadata(a, cfg)
+    if v >= 2:
+        meta[f"{a}.attention.sliding_window"] = cfg.sliding_window
+    if v == 2:
+        meta[f"{a}.attn_logit_softcapping"] = float(cfg.attn_logit_softcapping)
+        meta[f"{a}.final_logit_softcapping"] = float(cfg.final_logit_softcapping)
+    if v == 3:
+        meta[f"{a}.rope.freq_base_swa"] = float(cfg.rope_local_theta)
+    return meta
+
+
+def extra_gguf_tensors(cfg: GemmaConfig) -> dict[str, Tensor]:
+    """Tensors beyond the weights a GGUF file needs: none for Gemma."""
+    return {}
+
+
+def to_gguf_tensor(our_name: str, w: Tensor, cfg: GemmaConfig) -> Tensor:
+    """Our parameter ``our_name`` in the layout llama.cpp expects: norm weights as ``1 + w``."""
+    if our_name.endswith("norm.weight"):
+        return w + 1.0
     return w

@@ -24,7 +24,6 @@ arbitrary code when loaded, so they are refused with a pointer to converting the
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from collections.abc import Iterator, Sequence
@@ -424,24 +423,13 @@ def save_hf_checkpoint(
     Returns:
         ``out_dir`` as a Path.
     """
-    from tunesmith.models.lora import LoRALinear
-    from tunesmith.models.merged_weights import iter_merged_tensors, merged_tensor_specs
+    from tunesmith.models.merged_weights import iter_merged_tensors, merged_config, merged_tensor_specs
 
     family = family_of(model)
-    cfg = model.config
+    cfg = merged_config(model)  # untied when a LoRA update sits on a tied head
     out_dir = Path(out_dir)
     dtype = dtype or next(model.parameters()).dtype  # the embedding's, for our models
 
-    # A LoRA update on a weight that is shared (a tied output head) makes the merged head differ
-    # from the embedding, so the checkpoint must store both: save it untied.
-    shared = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.weight_is_shared]
-    if shared:
-        if not getattr(cfg, "tie_embeddings", False):
-            raise ValueError(
-                f"LoRA layer(s) {shared} adapt a shared weight, but {type(cfg).__name__} has no tie_embeddings "
-                "switch to save the merged head separately; save the adapter with save_peft_adapter instead"
-            )
-        cfg = dataclasses.replace(cfg, tie_embeddings=False)
     # Our name → the HF name(s) it is stored under, from the family table.
     to_hf: dict[str, list[str]] = {}
     for hf_name, our_name in family.hf_to_ours(cfg).items():

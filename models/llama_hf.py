@@ -6,11 +6,13 @@ asks this module four things and nothing more:
 
 * ``config_from_hf(d)`` / ``config_to_hf(cfg)``: HF ``config.json`` ↔ ``LlamaConfig``;
 * ``hf_to_ours(cfg)``: every HF parameter name → our state-dict name (``None`` = skip it);
-* ``config_from_gguf(meta)`` / ``gguf_to_ours(cfg)`` / ``fix_gguf_tensor(...)``: the same for GGUF.
+* ``config_from_gguf(meta)`` / ``gguf_to_ours(cfg)`` / ``fix_gguf_tensor(...)``: the same for GGUF;
+* ``config_to_gguf(cfg)`` / ``ours_to_gguf(cfg)`` / ``to_gguf_tensor(...)`` / ``extra_gguf_tensors(cfg)``:
+  their inverses, for the GGUF writer (``models/gguf_writer.py``).
 
 A Llama checkpoint's layout is identical to ours apart from the names (HF stores nn.Linear weights
 as [out, in], as we do), so the table below is the whole conversion. GGUF additionally permutes the
-rows of Q and K; ``unpermute_qk`` undoes that.
+rows of Q and K; ``unpermute_qk`` undoes that and ``permute_qk`` redoes it.
 
 The families built on Llama (``mistral_hf``, ``qwen_hf``, ``phi3_hf``) start from the shared pieces
 here — ``llama_fields`` / ``llama_config_json`` (config.json) and ``gguf_fields`` (GGUF metadata) —
@@ -339,4 +341,86 @@ def fix_gguf_tensor(our_name: str, w: Tensor, cfg: LlamaConfig) -> Tensor:
         return unpermute_qk(w, cfg.num_heads)
     if our_name.endswith("attn.k_proj.weight"):
         return unpermute_qk(w, cfg.num_kv_heads)
+    return w
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF out: what the writer (models/gguf_writer.py) asks, each the inverse of a loading function above
+# ------------------------------------------------------------------------------------------------
+def ours_to_gguf(cfg: LlamaConfig) -> dict[str, str]:
+    """Our name of every tensor a GGUF file for ``cfg`` stores → its GGUF name (``gguf_to_ours`` inverted).
+
+    A tied head has no ``output.weight`` in GGUF (llama.cpp reuses ``token_embd.weight``).
+    """
+    return {ours: theirs for theirs, ours in gguf_to_ours(cfg).items() if ours is not None}
+
+
+def config_to_gguf(cfg: LlamaConfig) -> dict[str, Any]:
+    """GGUF metadata for ``cfg``: ``general.architecture`` and the ``llama.*`` keys llama.cpp reads.
+
+    ``config_from_gguf`` reads these back to ``cfg`` (with the tokenizer's BOS/EOS ids). Llama 3.x
+    RoPE scaling is not metadata but the ``rope_freqs.weight`` tensor (``extra_gguf_tensors``).
+
+    Raises:
+        ValueError: a RoPE scaling llama.cpp's Llama cannot run.
+    """
+    kind = (cfg.rope_scaling or {}).get("rope_type")
+    if kind not in (None, "default", "llama3", "linear"):
+        raise ValueError(f"rope_scaling type {kind!r} has no GGUF encoding for Llama here (supported: llama3, linear)")
+    meta = gguf_shape_metadata("llama", cfg)
+    meta["llama.rope.dimension_count"] = cfg.head_dim
+    return meta
+
+
+def gguf_shape_metadata(arch: str, cfg: Any) -> dict[str, Any]:
+    """The GGUF keys every decoder family shares (sizes, heads, norm epsilon, RoPE base and linear
+    scaling), under ``arch``, for a config with ``LlamaConfig``'s field names."""
+    meta: dict[str, Any] = {
+        "general.architecture": arch,
+        f"{arch}.context_length": cfg.max_seq_len,
+        f"{arch}.embedding_length": cfg.hidden_size,
+        f"{arch}.block_count": cfg.num_layers,
+        f"{arch}.feed_forward_length": cfg.intermediate_size,
+        f"{arch}.attention.head_count": cfg.num_heads,
+        f"{arch}.attention.head_count_kv": cfg.num_kv_heads,
+        f"{arch}.attention.key_length": cfg.head_dim,
+        f"{arch}.attention.value_length": cfg.head_dim,
+        f"{arch}.attention.layer_norm_rms_epsilon": float(cfg.norm_eps),
+        f"{arch}.rope.freq_base": float(cfg.rope_theta),
+        f"{arch}.vocab_size": cfg.vocab_size,
+    }
+    if (cfg.rope_scaling or {}).get("rope_type") == "linear":
+        meta[f"{arch}.rope.scaling.type"] = "linear"
+        meta[f"{arch}.rope.scaling.factor"] = float(cfg.rope_scaling["factor"])
+    return meta
+
+
+def extra_gguf_tensors(cfg: LlamaConfig) -> dict[str, Tensor]:
+    """Tensors a GGUF file needs beyond the weights: Llama 3.x's ``rope_freqs.weight``, the number
+    llama.cpp divides each RoPE frequency by (what ``llama3_scaling_from_rope_freqs`` reads back)."""
+    if (cfg.rope_scaling or {}).get("rope_type") != "llama3":
+        return {}
+    plain = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+    return {"rope_freqs.weight": plain / rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
+
+
+def permute_qk(w: Tensor, n_heads: int) -> Tensor:
+    """llama.cpp's Q/K row permutation (``unpermute_qk`` inverted): per head, rows
+    [first half | second half] become interleaved pairs [h0, s0, h1, s1, …] for its adjacent-pair RoPE.
+
+    Args:
+        w: Our weight [n_heads * hd, in].
+        n_heads: Heads in this projection (query heads for Q, key/value heads for K).
+    """
+    out_dim, in_dim = w.shape
+    hd = out_dim // n_heads
+    return w.reshape(n_heads, 2, hd // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def to_gguf_tensor(our_name: str, w: Tensor, cfg: LlamaConfig) -> Tensor:
+    """Our parameter ``our_name`` in the layout llama.cpp expects (``fix_gguf_tensor`` inverted)."""
+    if our_name.endswith("attn.q_proj.weight"):
+        return permute_qk(w, cfg.num_heads)
+    if our_name.endswith("attn.k_proj.weight"):
+        return permute_qk(w, cfg.num_kv_heads)
     return w

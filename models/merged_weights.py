@@ -25,7 +25,9 @@ merged (``output.weight`` of a tied model whose head was adapted).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +50,23 @@ def _entries(model: nn.Module) -> Iterator[tuple[str, Tensor, LoRALinear | None]
             continue  # a tied use with nothing of its own to add
         seen.add(id(p))
         yield name, p, update
+
+
+def merged_config(model: nn.Module) -> Any:
+    """The config of the merged model: ``model.config``, untied when a LoRA update sits on a shared
+    (tied) head, since the merged head then differs from the embedding and must be stored as well.
+
+    Raises:
+        ValueError: a shared weight is adapted but the config has no ``tie_embeddings`` switch.
+    """
+    cfg = model.config
+    shared = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.weight_is_shared]
+    if not shared:
+        return cfg
+    if not hasattr(cfg, "tie_embeddings"):
+        raise ValueError(f"LoRA layer(s) {shared} adapt a shared weight, but {type(cfg).__name__} has no tie_embeddings "
+                         "switch to save the merged head separately; save the adapter with save_peft_adapter instead")
+    return dataclasses.replace(cfg, tie_embeddings=False)
 
 
 def merged_tensor_specs(model: nn.Module) -> list[tuple[str, torch.Size, torch.dtype]]:
