@@ -231,3 +231,75 @@ def estimate_run_memory(cfg: Any) -> MemoryEstimate:
         chunk_size=int(cfg.loss_args.get("chunk_size", 1024)) if cfg.loss == "cross_entropy" else 0,
         device_type=device.type, compile=cfg.compile, attention=cfg.attention,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# GRPO and knowledge distillation (recipes grpo_single_device, knowledge_distillation_single_device)
+# ------------------------------------------------------------------------------------------------
+def kv_cache_bytes(cfg: Any, dtype_bytes: int, rows: int, length: int) -> float:
+    """Keys and values of ``rows`` sequences of ``length`` positions in every layer (generation's cache)."""
+    return float(2 * rows * length * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes)
+
+
+def _run_dtype(cfg: Any) -> tuple[str, str]:
+    """(dtype name, device type) the run resolves ``dtype=auto`` / ``device=auto`` to."""
+    from tunesmith.training.setup import select_device
+
+    device = select_device(cfg.device)
+    return (cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")), device.type
+
+
+def estimate_grpo_memory(cfg: Any) -> MemoryEstimate:
+    """Peak memory of a GRPO run (``grpo_single_device`` Config): the LoRA terms for its update batch.
+
+    The update processes ``batch_size × num_generations`` rows of ``max_prompt_len + max_new_tokens``
+    tokens; sampling, which never overlaps the update, holds a KV cache for ``num_generations`` rows
+    instead of the activations, so the activation term is the larger of the two. The reference and
+    sampling-policy passes run without grad and keep nothing.
+    """
+    dtype, device_type = _run_dtype(cfg)
+    shape = model_config(cfg.model)
+    seq_len = cfg.data.max_prompt_len + cfg.max_new_tokens
+    est = estimate(
+        shape, dtype=dtype, batch_size=cfg.batch_size * cfg.num_generations, seq_len=seq_len, rank=cfg.lora.rank,
+        targets=list(cfg.lora.targets), quantize_base=cfg.quantize_base, optimizer=cfg.optimizer,
+        activation_checkpointing=cfg.activation_checkpointing, chunk_size=cfg.logprob_chunk_size,
+        device_type=device_type, attention=cfg.attention,
+    )
+    est.activations = max(est.activations, kv_cache_bytes(shape, DTYPE_BYTES[dtype], cfg.num_generations, seq_len))
+    return est
+
+
+def estimate_distillation_memory(cfg: Any) -> MemoryEstimate:
+    """Peak memory of a distillation run (``knowledge_distillation_single_device`` Config).
+
+    The student's terms are the LoRA estimate's (with ``full=true``: every weight trained, so
+    gradients and AdamW moments for all of them, activations as for adapters on every linear
+    layer — an approximation). The teacher adds its weights (NF4 where ``teacher_quantize``), its
+    final hidden states for the batch, and, per loss chunk, its logits and log-probabilities next to
+    the student's (fp32) — which is why the losses go chunk by chunk.
+    """
+    dtype, device_type = _run_dtype(cfg)
+    e = DTYPE_BYTES[dtype]
+    student, teacher = model_config(cfg.model), model_config(cfg.teacher)
+    tokens = cfg.batch_size * cfg.data.max_seq_len
+    chunk = int(cfg.loss_args.get("chunk_size", 1024))
+    all_linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    est = estimate(
+        student, dtype=dtype, batch_size=cfg.batch_size, seq_len=cfg.data.max_seq_len, rank=cfg.lora.rank,
+        targets=all_linears if cfg.full else list(cfg.lora.targets), quantize_base=cfg.quantize_base and not cfg.full,
+        optimizer=cfg.optimizer, activation_checkpointing=cfg.activation_checkpointing, chunk_size=chunk,
+        device_type=device_type, attention=cfg.attention,
+    )
+    if cfg.full:  # every weight has a gradient and two AdamW moments; no adapters
+        weights = est.weights
+        est.adapters = weights
+        est.optimizer = 2 * weights if cfg.optimizer == "adamw" else 2 * weights / e
+    teacher_targets = all_linears if cfg.teacher_quantize else []
+    teacher_est = estimate(teacher, dtype=dtype, batch_size=1, seq_len=1, rank=1, targets=teacher_targets or ["q_proj"],
+                           quantize_base=cfg.teacher_quantize)
+    positions = tokens if chunk <= 0 else min(chunk, tokens)
+    est.weights += teacher_est.weights
+    est.activations += tokens * teacher.hidden_size * e
+    est.logits += positions * teacher.vocab_size * (e + 3 * 4)  # teacher chunk logits + fp32 log-probs and probs
+    return est

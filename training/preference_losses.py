@@ -223,15 +223,6 @@ def build_preference_loss(name: str, args: dict[str, Any]) -> Any:
     Raises:
         ConfigError: For an unknown name that is not an import path, or arguments the class does not take.
     """
-    from tunesmith.training.config import ConfigError, import_object
+    from tunesmith.training.plugins import instantiate, resolve
 
-    if name in LOSSES:
-        cls = LOSSES[name]
-    elif "." in name:
-        cls = import_object(name)
-    else:
-        raise ConfigError(f"loss={name!r} is not one of {', '.join(LOSSES)} nor an import path (my_losses.MyLoss)")
-    try:
-        return cls(**args)
-    except TypeError as e:
-        raise ConfigError(f"loss_args {dict(args)} do not fit {cls.__name__}: {e}") from None
+    return instantiate(resolve(name, LOSSES, "loss"), args)
