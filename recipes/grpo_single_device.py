@@ -69,7 +69,7 @@ class Config(RunOptions):
         lora: Adapter shape and placement of the policy (see ``LoRAOptions``).
         quantize_base: QLoRA: the adapted layers' frozen base weights in NF4 (policy and reference).
         rewards: Reward functions, by built-in name (``exact_match``, ``number_match``,
-            ``format_json``) or import path (``my_rewards.score``); see training/rewards.py.
+            ``format_json``, ``json_match``) or import path (``my_rewards.score``); see training/rewards.py.
         reward_weights: Weight of each reward in the total (empty: 1.0 each).
         num_generations: G, completions sampled per prompt (the group the advantages are relative to).
         max_new_tokens: Longest completion in tokens (the end-of-turn token included).

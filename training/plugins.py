@@ -33,10 +33,11 @@ def resolve(name: str, builtins: dict[str, Any], what: str) -> Any:
 
 
 def instantiate(cls: Any, args: dict[str, Any], key: str = "loss_args") -> Any:
-    """``cls(**args)``, with arguments the class does not take reported as a config error naming ``key``."""
+    """``cls(**args)``; arguments the class does not take, or values it refuses (``ValueError``), are
+    reported as a config error naming ``key``."""
     from tunesmith.training.config import ConfigError
 
     try:
         return cls(**args)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"{key} {dict(args)} do not fit {getattr(cls, '__name__', cls)}: {e}") from None

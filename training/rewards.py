@@ -17,8 +17,8 @@ Name functions in the config by import path, with optional weights (default 1 ea
     rewards: [my_rewards.exact_answer, tunesmith.training.rewards.format_json]
     reward_weights: [1.0, 0.5]
 
-The built-in ones below can also be named by their short names (``exact_match``, ``format_json``,
-``number_match``). The total reward of a completion is the weighted sum; each function's mean and
+The built-in ones below can also be named by their short names (``exact_match``, ``number_match``,
+``format_json``, ``json_match``). The total reward of a completion is the weighted sum; each function's mean and
 standard deviation are logged on their own.
 """
 
@@ -72,15 +72,36 @@ def format_json(prompts: list, completions: list[str], **_: Any) -> list[float]:
     return scores
 
 
+def json_match(prompts: list, completions: list[str], answer: list, **_: Any) -> list[float]:
+    """Share of the ``answer`` object's fields that the completion, parsed as a JSON object, has equal.
+
+    ``answer`` is a dict (or its JSON text); a completion that is not exactly one JSON object scores 0.
+    Partial credit (2 of 3 fields right: 0.67) gives the policy a gradient before it is perfect.
+    """
+    scores = []
+    for c, a in zip(completions, answer):
+        expected = json.loads(a) if isinstance(a, str) else a
+        try:
+            got = json.loads(c)
+        except ValueError:
+            got = None
+        if not isinstance(got, dict) or not expected:
+            scores.append(0.0)
+            continue
+        scores.append(sum(k in got and got[k] == v for k, v in expected.items()) / len(expected))
+    return scores
+
+
 # Names a config can use; anything else is an import path to your own function.
-REWARDS: dict[str, RewardFn] = {"exact_match": exact_match, "number_match": number_match, "format_json": format_json}
+REWARDS: dict[str, RewardFn] = {"exact_match": exact_match, "number_match": number_match, "format_json": format_json,
+                                "json_match": json_match}
 
 
 def build_rewards(names: Sequence[str], weights: Sequence[float], field_names: set[str]) -> tuple[list[RewardFn], Tensor]:
     """Reward functions from built-in names or import paths, and their weights [k].
 
     Args:
-        names: ``exact_match``, ``number_match``, ``format_json`` or import paths (``my_rewards.score``).
+        names: ``exact_match``, ``number_match``, ``format_json``, ``json_match`` or import paths (``my_rewards.score``).
         weights: One weight per function; empty means 1.0 each.
         field_names: Columns every prompt record has: each function's required parameters
             (other than ``prompts`` and ``completions``) must be among them.
