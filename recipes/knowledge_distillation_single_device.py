@@ -33,7 +33,7 @@ from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_late
 from tunesmith.training.config import ConfigError, to_yaml
 from tunesmith.training.distillation import evaluate_distillation, load_teacher, report_distillation
 from tunesmith.training.distillation_losses import build_distillation_loss
-from tunesmith.training.evaluation import sample_answer
+from tunesmith.training.evaluation import report_sample
 from tunesmith.training.losses import IGNORE_INDEX, CrossEntropyLoss
 from tunesmith.training.metrics import MetricLogger, peak_memory_gib
 from tunesmith.training.options import DataOptions, LoRAOptions, RunOptions
@@ -138,9 +138,7 @@ def main(cfg: Config) -> dict[str, Any]:
         metrics = evaluate_distillation(model, teacher, val_batches, device, max_batches=cfg.eval_batches)
         report_distillation(metrics, when)
         if cfg.sample_max_new_tokens > 0:
-            messages = val_set.prompt_messages(0)
-            answer = sample_answer(model, tokenizer, messages, cfg.sample_max_new_tokens)
-            print(f"sample prompt: {messages[-1]['content']}\nsample answer ({when}): {answer}", flush=True)
+            report_sample(model, tokenizer, val_set.prompt_messages(0), cfg.sample_max_new_tokens, when)
         return metrics
 
     # ---- before ------------------------------------------------------------------------------------

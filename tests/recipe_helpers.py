@@ -38,3 +38,14 @@ def run_until_checkpoint(monkeypatch: pytest.MonkeyPatch, run: Callable[[], Any]
         patch.setattr(checkpointing, "save_checkpoint", save_then_stop)
         with pytest.raises(StoppedAfterSave):
             run()
+
+
+def with_overrides(values: dict, overrides: dict[str, Any]) -> dict:
+    """``values`` with dotted ``overrides`` (``{"lora.rank": 4}``) written into its nested dicts, in place."""
+    for key, value in overrides.items():
+        node = values
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return values

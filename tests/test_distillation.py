@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tunesmith.models import load_pretrained
 from tunesmith.recipes import knowledge_distillation_single_device as recipe
-from recipe_helpers import run_until_checkpoint
+from recipe_helpers import run_until_checkpoint, with_overrides
 from tunesmith.training import cli
 from tunesmith.training.batching import BatchStream
 from tunesmith.training.config import ConfigError, build_config
@@ -125,13 +125,7 @@ def make_cfg(model_dir: Path, teacher: Path, data: dict[str, Path], out: Path, *
         "output_dir": str(out), "device": "cpu", "dtype": "fp32", "batch_size": 4, "max_steps": 20, "lr": 1e-2,
         "warmup_steps": 2, "sample_max_new_tokens": 0, "tensorboard": False, "kd_ratio": 1.0,
     }
-    for key, value in overrides.items():
-        node = values
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return build_config(recipe.Config, values, [])
+    return build_config(recipe.Config, with_overrides(values, overrides), [])
 
 
 @pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd"])

@@ -20,7 +20,7 @@ from tunesmith.models import apply_lora, load_pretrained
 from tunesmith.models.generation import generate, sample_completions
 from tunesmith.models.lora import disable_adapters
 from tunesmith.recipes import grpo_single_device as recipe
-from recipe_helpers import run_until_checkpoint, write_splits
+from recipe_helpers import run_until_checkpoint, with_overrides, write_splits
 from tunesmith.training import cli
 from tunesmith.training.config import ConfigError, build_config, load_yaml, to_dict
 from tunesmith.training.grpo import Group, completion_logprobs, rollout_batch
@@ -62,7 +62,8 @@ def prompt_data(tmp_path_factory) -> dict[str, Path]:
 def rewards_importable(prompt_data, monkeypatch):
     monkeypatch.syspath_prepend(str(prompt_data["dir"]))
     yield
-    sys.modules.pop("tiny_rewards", None)
+    for name in ("tiny_rewards", "my_rewards", "my_policy_losses"):
+        sys.modules.pop(name, None)
 
 
 def make_cfg(model_dir: Path, data: dict[str, Path], out: Path, **overrides) -> recipe.Config:
@@ -74,13 +75,7 @@ def make_cfg(model_dir: Path, data: dict[str, Path], out: Path, **overrides) -> 
         "rewards": ["tiny_rewards.vowels"], "num_generations": 8, "max_new_tokens": 8, "tensorboard": False,
         "eval_batches": 4, "sample_max_new_tokens": 0,
     }
-    for key, value in overrides.items():
-        node = values
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return build_config(recipe.Config, values, [])
+    return build_config(recipe.Config, with_overrides(values, overrides), [])
 
 
 def test_reward_rises_on_a_trivially_learnable_reward(tiny_llama_dir, prompt_data, tmp_path):
@@ -155,29 +150,30 @@ def test_group_sampling_shares_the_prompt_and_stops_per_row(tiny_llama_dir):
         assert cut == full[:end]  # same draws; each row stops on its own
 
 
+def readme_block(first_line: str) -> str:
+    """The README's python code block that starts with ``first_line``."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("```python\n" + first_line) + len("```python\n")
+    return readme[start:readme.index("```", start)]
+
+
 def test_rewards_get_the_record_columns_and_custom_pieces_plug_in_from_yaml(tiny_llama_dir, prompt_data, tmp_path,
                                                                           monkeypatch):
-    (tmp_path / "my_policy_losses.py").write_text(
-        "import torch\n"
-        "class PlainReinforce:\n"
-        "    needs_reference = False\n"
-        "    scale_rewards = False\n"
-        "    def __init__(self, scale=1.0):\n"
-        "        self.scale = scale\n"
-        "    def __call__(self, x):\n"
-        "        loss = -(self.scale * x.advantages[:, None] * x.policy * x.mask).sum() / x.step_tokens\n"
-        "        return loss, torch.zeros_like(x.mask, dtype=torch.bool)\n"
-    )
+    """The README's custom reward and policy loss, by import path from a YAML file."""
+    (tmp_path / "my_policy_losses.py").write_text(readme_block("# my_policy_losses.py"))
+    (tmp_path / "my_rewards.py").write_text(readme_block("# my_rewards.py"))
     monkeypatch.chdir(tmp_path)
-    cfg = make_cfg(tiny_llama_dir, prompt_data, tmp_path / "run", max_steps=12, loss="my_policy_losses.PlainReinforce",
-                   loss_args={"scale": 2.0}, rewards=["tiny_rewards.vowels", "tiny_rewards.echo_answer_length"],
-                   reward_weights=[1.0, 0.0], tensorboard=True)
+    cfg = make_cfg(tiny_llama_dir, prompt_data, tmp_path / "run", max_steps=12, loss="my_policy_losses.GSPOLoss",
+                   loss_args={"epsilon": 4e-4}, tensorboard=True,
+                   rewards=["tiny_rewards.vowels", "my_rewards.exact_answer", "tiny_rewards.echo_answer_length"],
+                   reward_weights=[1.0, 1.0, 0.0])
     cfg_file = tmp_path / "custom.yaml"
     cfg_file.write_text(yaml.safe_dump(to_dict(cfg)))
     result = recipe.main(build_config(recipe.Config, load_yaml(cfg_file), []))
     last = result["history"][-1]
     assert last["rewards/echo_answer_length/mean"] > 10  # got the records' answer column
-    assert result["held_out_after"]["reward"] > result["held_out_before"]["reward"]
+    trained = load_file(result["checkpoint"] / "trainable.safetensors")
+    assert max(float(t.abs().max()) for k, t in trained.items() if "lora_b" in k) > 0  # the custom loss trained it
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -186,7 +182,7 @@ def test_rewards_get_the_record_columns_and_custom_pieces_plug_in_from_yaml(tiny
     tags = set(events.Tags()["scalars"])
     for tag in ("train/loss", "train/reward", "train/kl", "train/clip_fraction", "train/completion_len",
                 "train/gen_tokens_per_s", "train/train_tokens_per_s", "rewards/vowels/mean", "rewards/vowels/std",
-                "rewards/echo_answer_length/mean", "train/lr", "train/grad_norm"):
+                "rewards/echo_answer_length/mean", "rewards/exact_answer/mean", "train/lr", "train/grad_norm"):
         assert tag in tags, tag
 
 

@@ -43,6 +43,21 @@ def missing_teacher_message(source: str) -> str:
             f"at step {steps} with save_merged=true: run that training first")
 
 
+def check_teacher_exists(source: str) -> str:
+    """``source`` resolved (``package:`` names become paths); a local path that is not there is an error.
+
+    Raises:
+        ConfigError: naming what to run when the teacher is a tunesmith checkpoint not written yet.
+    """
+    from tunesmith.training.setup import resolve_source
+
+    resolved = resolve_source(source)
+    looks_local = resolved.startswith((".", "/", "~")) or resolved.count("/") != 1 or resolved.endswith(".gguf")
+    if looks_local and not Path(resolved).exists():
+        raise ConfigError(missing_teacher_message(source))
+    return resolved
+
+
 def load_teacher(source: str, tokenizer_source: str | None, student: nn.Module, student_tokenizer: Any, dtype: torch.dtype,
                  device: torch.device, quantize: bool = False, probe_texts: tuple[str, ...] = ()) -> nn.Module:
     """The frozen teacher, after checking it shares the student's vocabulary.
@@ -67,10 +82,7 @@ def load_teacher(source: str, tokenizer_source: str | None, student: nn.Module, 
     from tunesmith.models.lora import LORA_TARGETS
     from tunesmith.training.setup import load_tokenizer_with_template, resolve_source
 
-    resolved = resolve_source(source)
-    local_like = resolved.startswith((".", "/", "~")) or resolved.count("/") != 1 or resolved.endswith(".gguf")
-    if local_like and not Path(resolved).exists():
-        raise ConfigError(missing_teacher_message(source))
+    resolved = check_teacher_exists(source)
     nf4_targets = [t for t in LORA_TARGETS if t != "output"] if quantize else []
     teacher = load_pretrained(resolved, dtype=dtype, device=device, nf4_targets=nf4_targets)
     teacher.eval().requires_grad_(False)

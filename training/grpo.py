@@ -55,15 +55,10 @@ def prompt_batches(opts: PromptDataOptions, tokenizer: Any, batch_size: int, see
         ``batch_size`` prompt items (reshuffled every epoch, a pure function of ``i``); ``val_set`` a
         ``PromptDataset``.
     """
-    from tunesmith.data import load_records, split_records
     from tunesmith.data.prompts import PromptDataset
-    from tunesmith.training.setup import resolve_source
+    from tunesmith.training.setup import read_train_val
 
-    train_records = load_records(resolve_source(opts.train), split=opts.split)
-    if opts.val:
-        val_records = load_records(resolve_source(opts.val), split=opts.val_split)
-    else:
-        train_records, val_records = split_records(train_records, opts.val_fraction, seed)
+    train_records, val_records = read_train_val(opts, seed)
 
     def build(records: Any, source: str) -> PromptDataset:
         return PromptDataset(records, tokenizer, prompt_field=opts.prompt_field, max_prompt_len=opts.max_prompt_len,

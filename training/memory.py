@@ -281,7 +281,9 @@ def estimate_distillation_memory(cfg: Any) -> MemoryEstimate:
     """
     dtype, device_type = _run_dtype(cfg)
     e = DTYPE_BYTES[dtype]
-    student, teacher = model_config(cfg.model), model_config(cfg.teacher)
+    from tunesmith.training.distillation import check_teacher_exists
+
+    student, teacher = model_config(cfg.model), model_config(check_teacher_exists(cfg.teacher))
     tokens = cfg.batch_size * cfg.data.max_seq_len
     chunk = int(cfg.loss_args.get("chunk_size", 1024))
     all_linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -295,8 +297,8 @@ def estimate_distillation_memory(cfg: Any) -> MemoryEstimate:
         weights = est.weights
         est.adapters = weights
         est.optimizer = 2 * weights if cfg.optimizer == "adamw" else 2 * weights / e
-    teacher_targets = all_linears if cfg.teacher_quantize else []
-    teacher_est = estimate(teacher, dtype=dtype, batch_size=1, seq_len=1, rank=1, targets=teacher_targets or ["q_proj"],
+    # Only the weights term of this estimate is used: the teacher's, NF4 on every block linear when quantized.
+    teacher_est = estimate(teacher, dtype=dtype, batch_size=1, seq_len=1, rank=1, targets=all_linears,
                            quantize_base=cfg.teacher_quantize)
     positions = tokens if chunk <= 0 else min(chunk, tokens)
     est.weights += teacher_est.weights
