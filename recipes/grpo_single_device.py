@@ -216,8 +216,9 @@ def main(cfg: Config) -> dict[str, Any]:
                 loss, clipped = loss_fn(x)
                 loss.backward()
                 sums["loss"] += loss.item() / cfg.ppo_epochs
-                sums["kl"] += float((x.kl().detach() * x.mask).sum()) / (step_tokens * cfg.ppo_epochs)
                 sums["clipped"] += float(clipped.sum()) / (step_tokens * cfg.ppo_epochs)
+                if needs_reference:  # mean per-token KL(π_θ ‖ π_ref) over the step's completion tokens
+                    sums["kl"] += float((x.kl().detach() * x.mask).sum()) / (step_tokens * cfg.ppo_epochs)
             grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -229,8 +230,10 @@ def main(cfg: Config) -> dict[str, Any]:
             "train/loss": sums["loss"], "train/reward": float(total_reward.mean()),
             "train/reward_std": float(total_reward.std(dim=1).mean()),
             "train/zero_std_groups": float((total_reward.std(dim=1) == 0).float().mean()),
-            "train/kl": sums["kl"] if needs_reference else 0.0, "train/clip_fraction": sums["clipped"],
+            "train/kl": sums["kl"], "train/clip_fraction": sums["clipped"],
             "train/completion_len": step_tokens / step_completions,
+            # generation: completion tokens sampled per second; training: prompt + completion tokens
+            # through the ppo_epochs updates per second of steps 3-4 (the no-grad passes included)
             "train/gen_tokens_per_s": step_tokens / max(1e-9, gen_seconds),
             "train/train_tokens_per_s": sum(int(mb["lengths"].sum()) for mb in micro) * cfg.ppo_epochs / max(1e-9, train_seconds),
             "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),

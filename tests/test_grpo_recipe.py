@@ -97,6 +97,13 @@ def test_several_updates_per_batch_clip_and_train(tiny_llama_dir, prompt_data, t
     assert sum(rewards[-3:]) > sum(rewards[:3])
 
 
+def test_qlora_policy_samples_and_updates_with_an_nf4_base(tiny_llama_dir, prompt_data, tmp_path):
+    result = recipe.main(make_cfg(tiny_llama_dir, prompt_data, tmp_path / "run", quantize_base=True, max_steps=2,
+                                  loss_args={"beta": 0.1}, **{"lora.targets": ["q_proj", "v_proj"]}))
+    assert result["history"][-1]["train/kl"] > 0  # the NF4 base (adapters off) served as the reference
+    assert (result["checkpoint"] / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_resume_reproduces_the_samples_and_the_adapter_exactly(tiny_llama_dir, prompt_data, tmp_path, monkeypatch):
     kw = dict(max_steps=6, save_every=3, **{"lora.dropout": 0.1, "loss_args": {"beta": 0.1}})
     full = recipe.main(make_cfg(tiny_llama_dir, prompt_data, tmp_path / "full", **kw))
