@@ -147,6 +147,21 @@ def test_full_student_with_cross_entropy_mix_and_tensorboard(tiny_llama_dir, tea
     assert {"train/loss", "train/kd_loss", "train/ce_loss", "train/lr", "train/tokens_per_s"} <= set(events.Tags()["scalars"])
 
 
+def test_nf4_teacher_is_quantized_and_still_teaches(tiny_llama_dir, teacher_dir, tiny_data, tmp_path):
+    from tunesmith.data import load_tokenizer
+    from tunesmith.models.nf4 import is_nf4
+    from tunesmith.training.distillation import load_teacher
+
+    student = load_pretrained(str(tiny_llama_dir), dtype=torch.float32, device=torch.device("cpu"))
+    teacher = load_teacher(str(teacher_dir), None, student, load_tokenizer(str(tiny_llama_dir)), torch.float32,
+                           torch.device("cpu"), quantize=True)
+    assert is_nf4(teacher.layers[0].attn.q_proj.weight) and is_nf4(teacher.layers[1].mlp.down_proj.weight)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    result = recipe.main(make_cfg(tiny_llama_dir, teacher_dir, tiny_data, tmp_path / "run", teacher_quantize=True,
+                                  max_steps=10))
+    assert result["held_out_after"]["kl"] < 0.9 * result["held_out_before"]["kl"]
+
+
 def test_resume_after_stop_is_exact(tiny_llama_dir, teacher_dir, tiny_data, tmp_path, monkeypatch):
     kw = dict(max_steps=6, save_every=3, kd_ratio=0.5, **{"lora.dropout": 0.1})
     full = recipe.main(make_cfg(tiny_llama_dir, teacher_dir, tiny_data, tmp_path / "full", **kw))
