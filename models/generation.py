@@ -106,12 +106,12 @@ def _decode(
     logits = logits.expand(rows, -1)  # [rows, v]
     done = torch.zeros(rows, dtype=torch.bool)
     stop_ids = torch.tensor(sorted(stop), dtype=torch.long)
-    for _ in range(max_new_tokens):
+    for position in range(max_new_tokens):
         tokens = sample_next(logits, temperature, top_p, generator).cpu()  # [rows]
         for i in (~done).nonzero()[:, 0].tolist():
             out[i].append(int(tokens[i]))
         done |= torch.isin(tokens, stop_ids)
-        if bool(done.all()):
+        if bool(done.all()) or position == max_new_tokens - 1:
             break
         h = model.hidden_states(tokens.to(device)[:, None])  # [rows, 1, d]: the cache holds the rest
         logits = model.logits(h[:, -1])  # [rows, v]
