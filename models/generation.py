@@ -1,6 +1,10 @@
-"""Text generation for one prompt: greedy or temperature + nucleus (top-p) sampling.
+"""Text generation: greedy or temperature + nucleus (top-p) sampling, one or many completions.
 
     prompt ─► prefill (all prompt tokens at once) ─► sample ─► feed that one token ─► sample ─► …
+
+``generate`` continues one prompt once; ``sample_completions`` draws n completions of one prompt
+together (GRPO's group): the prompt is prefilled once, its cache copied to n rows, and the n rows
+decode as one batch, each stopping on its own.
 
 With ``use_cache=True`` the model keeps keys/values of earlier positions in a KV cache, so each
 new token costs one position. With ``use_cache=False`` every step re-runs the whole sequence; it
@@ -66,6 +70,103 @@ def _last_logits(model: nn.Module, tokens: Tensor) -> Tensor:
     return model.logits(h[0, -1])
 
 
+def _repeat_kv_cache(model: nn.Module, rows: int) -> None:
+    """Copy a one-row KV cache to ``rows`` rows (the prompt's keys/values, shared by every sample).
+
+    Prefilling the prompt once and copying its cache costs one prompt forward instead of ``rows``.
+    """
+    for layer in model.layers:
+        cache = layer.attn.kv_cache
+        cache.k, cache.v = cache.k.repeat(rows, 1, 1, 1), cache.v.repeat(rows, 1, 1, 1)  # [rows, kvh, max_len, hd]
+
+
+def _decode(
+    model: nn.Module,
+    prompt_ids: list[int],
+    rows: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    stop: set[int],
+    generator: torch.Generator | None,
+) -> list[list[int]]:
+    """``rows`` continuations of one prompt with the KV cache; each row's list ends with its stop token, if any.
+
+    Rows that stopped keep decoding (what they draw is discarded) until every row stopped or
+    ``max_new_tokens`` is reached, so all rows advance together as one batch.
+    """
+    device = next(model.parameters()).device
+    out: list[list[int]] = [[] for _ in range(rows)]
+    if max_new_tokens == 0:
+        return out
+    model.setup_kv_cache(1, len(prompt_ids) + max_new_tokens)
+    logits = _last_logits(model, torch.tensor([prompt_ids], device=device))  # prefill once: [v]
+    if rows > 1:
+        _repeat_kv_cache(model, rows)
+    logits = logits.expand(rows, -1)  # [rows, v]
+    done = torch.zeros(rows, dtype=torch.bool)
+    stop_ids = torch.tensor(sorted(stop), dtype=torch.long)
+    for position in range(max_new_tokens):
+        tokens = sample_next(logits, temperature, top_p, generator).cpu()  # [rows]
+        for i in (~done).nonzero()[:, 0].tolist():
+            out[i].append(int(tokens[i]))
+        done |= torch.isin(tokens, stop_ids)
+        if bool(done.all()) or position == max_new_tokens - 1:
+            break
+        h = model.hidden_states(tokens.to(device)[:, None])  # [rows, 1, d]: the cache holds the rest
+        logits = model.logits(h[:, -1])  # [rows, v]
+    return out
+
+
+def sample_completions(
+    model: nn.Module,
+    prompt: Sequence[int] | Tensor,
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop_ids: Iterable[int] = (),
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """``num_samples`` completions of one prompt, decoded together as one batch with the KV cache.
+
+    The rows share the prompt, so it is prefilled once; each row then stops on its own at a stop
+    token (end of turn) or after ``max_new_tokens``. Random draws come from ``generator`` (the
+    global torch RNG when ``None``), one ``[num_samples, v]`` draw per position, so a run that
+    restores the RNG state reproduces its samples exactly.
+
+    Args:
+        model: A causal LM (see module docstring for what it must provide).
+        prompt: Token ids of the prompt, a list or a 1-d tensor; must not be empty.
+        num_samples: Completions to draw (rows of the batch).
+        max_new_tokens: Most tokens per completion, the stop token included.
+        temperature: 0 for greedy decoding (every row then equals ``generate``'s), > 0 to sample.
+        top_p: Nucleus mass for sampling.
+        stop_ids: A completion ends when it produces one of these.
+        generator: Random generator for the draws.
+
+    Returns:
+        ``num_samples`` lists of new token ids; a list that ended at a stop token keeps it as its last
+        element (so it can be scored; ``tokenizer.decode`` drops it), a list without one was cut at
+        ``max_new_tokens``.
+    """
+    prompt_ids = prompt.tolist() if isinstance(prompt, Tensor) else [int(t) for t in prompt]
+    if not prompt_ids:
+        raise ValueError("sample_completions() needs a non-empty prompt (at least a BOS token)")
+    if num_samples < 1 or max_new_tokens < 0:
+        raise ValueError(f"need num_samples >= 1 and max_new_tokens >= 0, got {num_samples} and {max_new_tokens}")
+    was_training = model.training
+    model.eval()  # no dropout (e.g. LoRA dropout) while generating
+    try:
+        with torch.inference_mode():
+            return _decode(model, prompt_ids, num_samples, max_new_tokens, temperature, top_p,
+                           set(int(t) for t in stop_ids), generator)
+    finally:
+        model.clear_kv_cache()
+        model.train(was_training)
+
+
 def generate(
     model: nn.Module,
     prompt: Sequence[int] | Tensor,
@@ -109,22 +210,18 @@ def generate(
     try:
         with torch.inference_mode():
             if use_cache:
-                model.setup_kv_cache(1, len(prompt_ids) + max_new_tokens)
-                # Prefill: the whole prompt in one forward, filling the cache.
-                step_input = torch.tensor([prompt_ids], device=device)
+                new_tokens = _decode(model, prompt_ids, 1, max_new_tokens, temperature, top_p, stop, generator)[0]
+                if new_tokens and new_tokens[-1] in stop:
+                    new_tokens.pop()
+                return new_tokens
             for _ in range(max_new_tokens):
-                if use_cache:
-                    logits = _last_logits(model, step_input)
-                else:
-                    logits = _last_logits(model, torch.tensor([prompt_ids + new_tokens], device=device))
+                logits = _last_logits(model, torch.tensor([prompt_ids + new_tokens], device=device))
                 token = int(sample_next(logits, temperature, top_p, generator))
                 if agree is not None:
                     token = agree(token)
                 if token in stop:
                     break
                 new_tokens.append(token)
-                if use_cache:
-                    step_input = torch.tensor([[token]], device=device)  # cache holds the rest
     finally:
         if use_cache:
             model.clear_kv_cache()

@@ -74,3 +74,14 @@ def base_adapter_and_merged_logits(base: Any, checkpoint: Path, tokens: Any) -> 
         peft_logits = with_adapter(tokens).logits
         merged = transformers.AutoModelForCausalLM.from_pretrained(checkpoint / "merged", dtype=torch.float32).eval()
         return base_logits, peft_logits, merged(tokens).logits
+
+
+def with_overrides(values: dict, overrides: dict[str, Any]) -> dict:
+    """``values`` with dotted ``overrides`` (``{"lora.rank": 4}``) written into its nested dicts, in place."""
+    for key, value in overrides.items():
+        node = values
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return values

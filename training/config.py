@@ -69,12 +69,14 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Range:
-    """Numeric bounds: ``Annotated[float, Range(gt=0)]``, ``Annotated[int, Range(ge=0, le=10)]``."""
+    """Numeric bounds: ``Annotated[float, Range(gt=0)]``, ``Annotated[int, Range(ge=0, le=10)]``;
+    ``why`` is added to the error (``Range(ge=2, why="a group needs two completions to compare")``)."""
 
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
     lt: float | None = None
+    why: str = ""
 
     def describe(self) -> str:
         parts = [f"{op} {bound:g}" for op, bound in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
@@ -298,7 +300,7 @@ def _number(value: Any, kind: type) -> int | float | None:
 def _check_meta(value: Any, meta: list[Any]) -> Any:
     for m in meta:
         if isinstance(m, Range) and not m.holds(value):
-            raise _Invalid(f"must be {m.describe()}, got {value!r}")
+            raise _Invalid(f"must be {m.describe()}, got {value!r}" + (f" ({m.why})" if m.why else ""))
         if isinstance(m, Pattern) and not re.fullmatch(m.regex, value):
             raise _Invalid(f"must be {m.description}, got {value!r}")
         if isinstance(m, Refuse) and str(value) in m.reasons:

@@ -89,3 +89,10 @@ def held_out_report(model: torch.nn.Module, tokenizer: Any, batches: BatchStream
             print(f"sample prompt: {question}", flush=True)
             print(f"sample answer ({when}): {sample_answer(model, tokenizer, messages, max_new_tokens, env)}", flush=True)
     return loss
+
+
+def report_sample(model: torch.nn.Module, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int,
+                  when: str) -> None:
+    """Print a chat prompt's last message and the model's greedy answer to it (the before/after sample)."""
+    answer = sample_answer(model, tokenizer, messages, max_new_tokens)
+    print(f"sample prompt: {messages[-1]['content']}\nsample answer ({when}): {answer}", flush=True)

@@ -149,11 +149,6 @@ def loss_class(name: str) -> type:
     Raises:
         ConfigError: naming the ``loss`` key when the path does not import.
     """
-    from tunesmith.training.config import ConfigError, import_object
+    from tunesmith.training.plugins import resolve
 
-    if name == "cross_entropy":
-        return CrossEntropyLoss
-    try:
-        return import_object(name)
-    except ConfigError as e:
-        raise ConfigError(f"config key 'loss' = {name!r} is not cross_entropy nor an importable class: {e}") from None
+    return resolve(name, {"cross_entropy": CrossEntropyLoss}, "loss")

@@ -348,8 +348,8 @@ def model_config(source: str) -> Any:
     return family.config_from_hf(d)
 
 
-def _run_settings(cfg: Any, world_size: int) -> dict[str, Any]:
-    """``estimate`` keyword arguments every recipe config provides (``RunOptions`` + ``ShardingOptions``).
+def _run_dtype(cfg: Any) -> tuple[str, str]:
+    """(dtype name, device type) a run resolves ``dtype=auto`` / ``device=auto`` to.
 
     ``device=cuda`` is taken at its word (a dry run plans a GPU run on any machine); ``auto`` means
     this machine's device. ``dtype=auto`` is bf16 on CUDA, fp32 on CPU, as the recipes choose.
@@ -359,13 +359,18 @@ def _run_settings(cfg: Any, world_size: int) -> dict[str, Any]:
     from tunesmith.training.setup import select_device
 
     device = select_device("auto") if cfg.device == "auto" else torch.device(cfg.device)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return (cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")), device.type
+
+
+def _run_settings(cfg: Any, world_size: int) -> dict[str, Any]:
+    """``estimate`` keyword arguments every recipe config provides (``RunOptions`` + ``ShardingOptions``)."""
+    dtype, device_type = _run_dtype(cfg)
     chunk = int(cfg.loss_args.get("chunk_size", 1024)) if cfg.loss == "cross_entropy" else 0
     lora = getattr(cfg, "lora", None)
     return dict(
         dtype=dtype, rank=lora.rank if lora else 0, targets=list(lora.targets) if lora else [],
         quantize_base=getattr(cfg, "quantize_base", False), optimizer=cfg.optimizer,
-        activation_checkpointing=cfg.activation_checkpointing, chunk_size=chunk, device_type=device.type,
+        activation_checkpointing=cfg.activation_checkpointing, chunk_size=chunk, device_type=device_type,
         compile=getattr(cfg, "compile", False), attention=cfg.attention, world_size=world_size,
         compute_dtype=getattr(cfg, "compute_dtype", None), reduce_dtype=getattr(cfg, "reduce_dtype", None),
         cpu_offload=getattr(cfg, "cpu_offload", False),
@@ -409,4 +414,70 @@ def estimate_preference_memory(cfg: Any, world_size: int = 1) -> MemoryEstimate:
         copy = estimate(shape, batch_size=rows, seq_len=seq, full=False, **(settings | {"targets": [], "rank": 0}))
         est.reference += copy.weights + copy.nf4 + copy.gathered
         est.offloaded += copy.offloaded
+    return est
+
+
+# ------------------------------------------------------------------------------------------------
+# GRPO and knowledge distillation (recipes grpo_single_device, knowledge_distillation_single_device)
+# ------------------------------------------------------------------------------------------------
+def kv_cache_bytes(cfg: Any, dtype_bytes: int, rows: int, length: int) -> float:
+    """Keys and values of ``rows`` sequences of ``length`` positions in every layer (generation's cache)."""
+    return float(2 * rows * length * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes)
+
+
+def estimate_grpo_memory(cfg: Any) -> MemoryEstimate:
+    """Peak memory of a GRPO run (``grpo_single_device`` Config): the LoRA terms for its update batch.
+
+    The update processes ``batch_size × num_generations`` rows of ``max_prompt_len + max_new_tokens``
+    tokens; sampling, which never overlaps the update, holds a KV cache for ``num_generations`` rows
+    instead of the activations, so the activation term is the larger of the two. The reference and
+    sampling-policy passes run without grad and keep nothing.
+    """
+    dtype, device_type = _run_dtype(cfg)
+    shape = model_config(cfg.model)
+    seq_len = cfg.data.max_prompt_len + cfg.max_new_tokens
+    est = estimate(
+        shape, dtype=dtype, batch_size=cfg.batch_size * cfg.num_generations, seq_len=seq_len, rank=cfg.lora.rank,
+        targets=list(cfg.lora.targets), quantize_base=cfg.quantize_base, optimizer=cfg.optimizer,
+        activation_checkpointing=cfg.activation_checkpointing, chunk_size=cfg.logprob_chunk_size,
+        device_type=device_type, attention=cfg.attention,
+    )
+    est.activations = max(est.activations, kv_cache_bytes(shape, DTYPE_BYTES[dtype], cfg.num_generations, seq_len))
+    return est
+
+
+def estimate_distillation_memory(cfg: Any) -> MemoryEstimate:
+    """Peak memory of a distillation run (``knowledge_distillation_single_device`` Config).
+
+    The student's terms are the LoRA estimate's (with ``full=true``: every weight trained, so
+    gradients and AdamW moments for all of them, activations as for adapters on every linear
+    layer — an approximation). The teacher adds its weights (NF4 where ``teacher_quantize``), its
+    final hidden states for the batch, and, per loss chunk, its logits and log-probabilities next to
+    the student's (fp32) — which is why the losses go chunk by chunk.
+    """
+    dtype, device_type = _run_dtype(cfg)
+    e = DTYPE_BYTES[dtype]
+    from tunesmith.training.distillation import check_teacher_exists
+
+    student, teacher = model_config(cfg.model), model_config(check_teacher_exists(cfg.teacher))
+    tokens = cfg.batch_size * cfg.data.max_seq_len
+    chunk = int(cfg.loss_args.get("chunk_size", 1024))
+    all_linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    est = estimate(
+        student, dtype=dtype, batch_size=cfg.batch_size, seq_len=cfg.data.max_seq_len, rank=cfg.lora.rank,
+        targets=all_linears if cfg.full else list(cfg.lora.targets), quantize_base=cfg.quantize_base and not cfg.full,
+        optimizer=cfg.optimizer, activation_checkpointing=cfg.activation_checkpointing, chunk_size=chunk,
+        device_type=device_type, attention=cfg.attention,
+    )
+    if cfg.full:  # every weight has a gradient and two AdamW moments; no adapters
+        weights = est.weights
+        est.adapters = weights
+        est.optimizer = 2 * weights if cfg.optimizer == "adamw" else 2 * weights / e
+    # Only the weights term of this estimate is used: the teacher's, NF4 on every block linear when quantized.
+    teacher_est = estimate(teacher, dtype=dtype, batch_size=1, seq_len=1, rank=1, targets=all_linears,
+                           quantize_base=cfg.teacher_quantize)
+    positions = tokens if chunk <= 0 else min(chunk, tokens)
+    est.weights += teacher_est.weights
+    est.activations += tokens * teacher.hidden_size * e
+    est.logits += positions * teacher.vocab_size * (e + 3 * 4)  # teacher chunk logits + fp32 log-probs and probs
     return est

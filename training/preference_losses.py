@@ -24,7 +24,6 @@ implicit rewards' log-ratios, ``σ`` the logistic function, ``|y|`` the response
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,19 +234,9 @@ def preference_loss_class(name: str) -> type:
     Raises:
         ConfigError: naming the ``loss`` key, for an unknown name that is not an importable path.
     """
-    from tunesmith.training.config import ConfigError, import_object
+    from tunesmith.training.plugins import resolve
 
-    if name in LOSSES:
-        return LOSSES[name]
-    if "." not in name:
-        close = difflib.get_close_matches(name, list(LOSSES), n=1, cutoff=0.5)
-        hint = f" — did you mean {close[0]}?" if close else ""
-        raise ConfigError(f"config key 'loss' = {name!r} is not one of {', '.join(LOSSES)} nor an import path "
-                          f"(my_losses.MyLoss){hint}")
-    try:
-        return import_object(name)
-    except ConfigError as e:
-        raise ConfigError(f"config key 'loss' = {name!r}: {e}") from None
+    return resolve(name, LOSSES, "loss")
 
 
 def build_preference_loss(name: str, args: dict[str, Any]) -> Any:
@@ -256,10 +245,6 @@ def build_preference_loss(name: str, args: dict[str, Any]) -> Any:
     Raises:
         ConfigError: For an unknown name that is not an import path, or arguments the class does not take.
     """
-    from tunesmith.training.config import ConfigError
+    from tunesmith.training.plugins import instantiate
 
-    cls = preference_loss_class(name)
-    try:
-        return cls(**args)
-    except TypeError as e:
-        raise ConfigError(f"loss_args {dict(args)} do not fit {cls.__name__}: {e}") from None
+    return instantiate(preference_loss_class(name), args)

@@ -68,19 +68,26 @@ def load_sft_data(opts: DataOptions, tokenizer: Any, seed: int) -> tuple[Any, An
     Returns:
         ``(train, val)`` ``SFTDataset``s whose items are ``{"tokens", "labels"}`` (labels shifted).
     """
-    from tunesmith.data import SFTDataset, load_records, split_records
+    from tunesmith.data import SFTDataset
 
-    train_records = load_records(resolve_source(opts.train), split=opts.split)
-    if opts.val:
-        val_records = load_records(resolve_source(opts.val), split=opts.val_split)
-    else:
-        train_records, val_records = split_records(train_records, opts.val_fraction, seed)
+    train_records, val_records = read_train_val(opts, seed)
 
     def build(records: Any, source: str) -> Any:
         return SFTDataset(records, tokenizer, format=opts.format, max_seq_len=opts.max_seq_len,
                           train_on=opts.train_on, column_map=dict(opts.column_map) or None, source_name=source)
 
     return build(train_records, opts.train), build(val_records, opts.val or f"{opts.train} (held out)")
+
+
+def read_train_val(opts: Any, seed: int) -> tuple[Any, Any]:
+    """Raw training and held-out records of a data option group (``train``, ``val``, ``split``,
+    ``val_split``, ``val_fraction``): ``val`` when given, else ``val_fraction`` of ``train`` held out."""
+    from tunesmith.data import load_records, split_records
+
+    train_records = load_records(resolve_source(opts.train), split=opts.split)
+    if opts.val:
+        return train_records, load_records(resolve_source(opts.val), split=opts.val_split)
+    return split_records(train_records, opts.val_fraction, seed)
 
 
 PACKAGE_PREFIX = "package:"
