@@ -263,7 +263,8 @@ def main(cfg: Config) -> dict[str, Any]:
         print(f"held-out reward: {before['reward']:.3f} before → {after['reward']:.3f} after")
     final_dir = save(step, final=True)
     print(f"adapter saved to {final_dir / 'adapter'}" + (f"; merged model in {final_dir / 'merged'}" if cfg.save_merged else ""))
-    return {"history": history, "held_out_before": before, "held_out_after": after, "checkpoint": final_dir}
+    return {"losses": [h["train/loss"] for h in history], "history": history, "held_out_before": before,
+            "held_out_after": after, "checkpoint": final_dir}
 
 
 if __name__ == "__main__":

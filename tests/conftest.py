@@ -54,13 +54,13 @@ def make_records(n: int, seed: int) -> list[dict]:
     return out
 
 
-def save_hf_llama(path: Path, **config: Any) -> Path:
-    """A random 2-layer Llama built by ``transformers`` in ``path`` with the test tokenizer; ``config``
-    overrides its ``LlamaConfig`` fields."""
+def save_hf_llama(path: Path, seed: int = 0, **config: Any) -> Path:
+    """A random 2-layer Llama built by ``transformers`` in ``path`` with the test tokenizer, its weights
+    drawn from ``seed``; ``config`` overrides its ``LlamaConfig`` fields."""
     import transformers
 
     vocab = make_tokenizer_dir(path)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     fields = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -90,3 +90,17 @@ def tiny_pref_data(tmp_path_factory) -> dict[str, Path]:
     from recipe_helpers import make_pairs, write_splits
 
     return write_splits(tmp_path_factory.mktemp("tiny_pref_data"), make_pairs)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory) -> Path:
+    """Another random Llama of ``tiny_llama_dir``'s shape and tokenizer (other weights): a distillation teacher."""
+    return save_hf_llama(tmp_path_factory.mktemp("tiny_teacher"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_prompt_data(tmp_path_factory) -> dict[str, Path]:
+    """Train and held-out JSONL prompt records (GRPO) with an ``answer`` column."""
+    from recipe_helpers import make_prompts, write_splits
+
+    return write_splits(tmp_path_factory.mktemp("tiny_prompt_data"), make_prompts)

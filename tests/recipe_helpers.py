@@ -26,6 +26,16 @@ def make_pairs(n: int, seed: int) -> list[dict]:
     return out
 
 
+def make_prompts(n: int, seed: int) -> list[dict]:
+    """GRPO prompt records: the repeat-twice task with its reference ``answer`` column."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = " ".join(rng.choices(WORDS, k=3))
+        out.append({"prompt": f"Repeat the words twice.\n\n{words}", "answer": f"{words} {words}"})
+    return out
+
+
 def write_splits(path: Path, make: Callable[[int, int], list[dict]]) -> dict[str, Path]:
     """``train.jsonl`` (64 records, seed 0) and ``val.jsonl`` (16 records, seed 1) made by ``make(n, seed)``."""
     files = {}

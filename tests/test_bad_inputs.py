@@ -25,19 +25,24 @@ import pytest
 import torch
 import yaml
 
-from recipe_helpers import write_splits
+from recipe_helpers import make_prompts, write_splits
 from tunesmith.training import cli
 
 # recipe → the kind of base config it runs with
 RECIPES = {
     "lora_single_device": "sft",
     "qlora_single_device": "sft",
+    "lora_distributed": "sft",
+    "qlora_distributed": "sft",
     "full_finetune_distributed": "full",
     "dpo_single_device": "pref",
+    "dpo_distributed": "pref",
+    "grpo_single_device": "grpo",
+    "knowledge_distillation_single_device": "kd",
     "generate": "generate",
 }
 TRAINING = [r for r, kind in RECIPES.items() if kind != "generate"]
-WITH_LORA = [r for r, kind in RECIPES.items() if kind in ("sft", "pref")]
+WITH_LORA = [r for r, kind in RECIPES.items() if kind in ("sft", "pref", "grpo", "kd")]
 SFT = [r for r, kind in RECIPES.items() if kind in ("sft", "full")]
 ALL = list(RECIPES)
 
@@ -92,6 +97,8 @@ def env(tiny_llama_dir, tiny_data, tmp_path_factory) -> Env:
     f["train"] = tiny_data["train"]
     (tmp / "pref").mkdir()
     pref = write_splits(tmp / "pref", lambda n, seed: [{**PAIR, "prompt": f"Say red {i}."} for i in range(n)])
+    (tmp / "prompts").mkdir()
+    prompts = write_splits(tmp / "prompts", make_prompts)
     common = {"model": str(tiny_llama_dir), "output_dir": str(tmp / "never_written"), "device": "cpu", "dtype": "fp32",
               "batch_size": 4, "max_steps": 2, "warmup_steps": 1, "sample_max_new_tokens": 0, "tensorboard": False,
               "eval_batches": 1}
@@ -102,6 +109,9 @@ def env(tiny_llama_dir, tiny_data, tmp_path_factory) -> Env:
         "full": {**common, "data": sft_data},
         "pref": {**common, "data": {"train": str(pref["train"]), "val": str(pref["val"]), "max_seq_len": 64},
                  "lora": lora, "loss_args": {"beta": 0.5}},
+        "grpo": {**common, "data": {"train": str(prompts["train"]), "val": str(prompts["val"]), "max_prompt_len": 64},
+                 "lora": lora, "rewards": ["exact_match"], "num_generations": 2, "max_new_tokens": 4},
+        "kd": {**common, "data": sft_data, "lora": lora, "teacher": str(tiny_llama_dir)},
         "generate": {**common, "data": sft_data, "lora": lora},  # a training config, as users pass it
     }
     for kind, values in bases.items():
@@ -216,7 +226,23 @@ CASES = [
     Bad("device_no_cuda", "config", ["lora_single_device", "generate"], a("device=cuda"),
         ["'device'", "CUDA is not available", "device=cpu"]),
     Bad("bool_word", "config", TRAINING, a("resume=maybe"), ["'resume'", "expects bool", "'maybe'"]),
-    Bad("max_seq_len_one", "config", TRAINING, a("data.max_seq_len=1"), ["'data.max_seq_len'", ">= 2"]),
+    Bad("max_seq_len_one", "config", [r for r in TRAINING if RECIPES[r] != "grpo"], a("data.max_seq_len=1"),
+        ["'data.max_seq_len'", ">= 2"]),
+    Bad("max_prompt_len_zero", "config", ["grpo_single_device"], a("data.max_prompt_len=0"), ["'data.max_prompt_len'", ">= 1"]),
+    Bad("one_generation", "config", ["grpo_single_device"], a("num_generations=1"),
+        ["'num_generations'", ">= 2", "compares completions within a group"]),
+    Bad("greedy_sampling", "config", ["grpo_single_device"], a("temperature=0"), ["'temperature'", "> 0", "no signal"]),
+    Bad("reward_typo", "config", ["grpo_single_device"], a("rewards=[exact_mach]"),
+        ["'rewards'", "exact_mach", "did you mean exact_match?"]),
+    Bad("reward_weights_count", "config", ["grpo_single_device"], a("reward_weights=[1.0,2.0]"),
+        ["'reward_weights'", "2 values for 1 rewards"]),
+    Bad("policy_loss_typo", "config", ["grpo_single_device"], a("loss=dapoo"), ["'loss'", "did you mean dapo?"]),
+    Bad("kd_ratio_above_one", "config", ["knowledge_distillation_single_device"], a("kd_ratio=1.5"),
+        ["'kd_ratio'", "<= 1"]),
+    Bad("kd_loss_args_typo", "config", ["knowledge_distillation_single_device"], a("loss_args.temprature=2"),
+        ["loss_args.temprature", "did you mean temperature?"]),
+    Bad("kd_full_and_nf4", "config", ["knowledge_distillation_single_device"], a("full=true", "quantize_base=true"),
+        ["quantize_base=true", "full=true"]),
     Bad("val_fraction_above_one", "config", ["lora_single_device", "dpo_single_device"], a("data.val_fraction=1.5"),
         ["'data.val_fraction'", "< 1"]),
     Bad("format_typo", "config", SFT, a("data.format=chta"), ["'data.format'", "instruct, chat, text", "did you mean chat?"]),

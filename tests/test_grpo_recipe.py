@@ -20,7 +20,7 @@ from tunesmith.models import apply_lora, load_pretrained
 from tunesmith.models.generation import generate, sample_completions
 from tunesmith.models.lora import disable_adapters
 from tunesmith.recipes import grpo_single_device as recipe
-from recipe_helpers import run_until_checkpoint, with_overrides, write_splits
+from recipe_helpers import make_prompts, run_until_checkpoint, with_overrides, write_splits
 from tunesmith.training import cli
 from tunesmith.training.config import ConfigError, build_config, load_yaml, to_dict
 from tunesmith.training.grpo import Group, completion_logprobs, rollout_batch
@@ -38,15 +38,6 @@ def echo_answer_length(prompts, completions, answer, **_):
 def needs_expected(prompts, completions, expected):
     return [0.0] * len(completions)
 """
-
-
-def make_prompts(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        words = " ".join(rng.choices(WORDS, k=3))
-        out.append({"prompt": f"Repeat the words twice.\n\n{words}", "answer": f"{words} {words}"})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ apart: its issue #2305). A recipe that stops honouring a part of it fails here.
 
 The contract: a typed config (an unknown key or a wrong type is refused), held-out evaluation before
 and after training, packing (``data.packing=true`` really packs: several documents per row reach the
-model), a custom loss named by import path, TensorBoard events with the recipe's tags, a progress
+model; not for GRPO, whose rows are sampled completions), a custom loss named by import path, TensorBoard events with the recipe's tags, a progress
 bar, and exact resume (a run stopped right after a checkpoint and resumed gives the same losses and
 the same trained weights as the uninterrupted run).
 
@@ -36,6 +36,8 @@ STEPS, SAVE_AT = 4, 2
 # Custom losses named by import path (``contract_losses.CountingCE``); each records its calls.
 CONTRACT_LOSSES = '''
 from tunesmith.training.losses import CrossEntropyLoss
+from tunesmith.training.distillation_losses import ForwardKL
+from tunesmith.training.policy_losses import GRPOLoss
 from tunesmith.training.preference_losses import DPOLoss
 
 CALLS = []
@@ -51,13 +53,36 @@ class CountingDPO(DPOLoss):
     def __call__(self, logps):
         CALLS.append("preference")
         return super().__call__(logps)
+
+
+class CountingGRPO(GRPOLoss):
+    def __call__(self, x):
+        CALLS.append("policy")
+        return super().__call__(x)
+
+
+class CountingKL(ForwardKL):
+    def __call__(self, *args):
+        CALLS.append("distillation")
+        return super().__call__(*args)
+
+
+def vowels(prompts, completions, **_):
+    """A reward a tiny random model can move: the share of vowels in the completion."""
+    return [sum(ch in "aeiou" for ch in text) / max(1, len(text)) for text in completions]
 '''
 
 SFT_TAGS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/peak_mem_gib", "val/loss"}
 PREFERENCE_TAGS = {"train/loss", "train/reward_acc", "train/margin", "train/lr", "train/grad_norm",
                    "train/tokens_per_s", "train/peak_mem_gib", "rewards/chosen", "rewards/rejected",
                    "logps/policy_chosen", "logps/reference_rejected", "val/reward_acc", "val/loss"}
+POLICY_TAGS = {"train/loss", "train/reward", "train/kl", "train/clip_fraction", "train/completion_len",
+               "train/gen_tokens_per_s", "train/train_tokens_per_s", "train/lr", "train/grad_norm",
+               "rewards/vowels/mean", "rewards/vowels/std", "val/reward"}
+DISTILLATION_TAGS = {"train/loss", "train/kd_loss", "train/ce_loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                     "train/peak_mem_gib", "val/kl", "val/loss"}
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj", "o_proj", "down_proj", "output"]}
+SEQUENCES = {"max_seq_len": 64, "packing": True}  # the data options of every kind trained on token sequences
 
 
 @dataclass(frozen=True)
@@ -68,11 +93,18 @@ class Kind:
     loss: str  # the custom loss (import path) the contract plugs in
     tags: frozenset[str]  # TensorBoard tags every run of the kind writes
     held_out: Callable[[Any], float]  # the number a held-out evaluation reports
+    data_values: dict[str, Any] = field(default_factory=lambda: dict(SEQUENCES))  # beside data.train / data.val
+    values: dict[str, Any] = field(default_factory=dict)  # what every recipe of the kind needs besides
+    packs: bool = True  # data.packing applies (it does not to sampled completions)
 
 
 KINDS = {
     "sft": Kind("tiny_data", "contract_losses.CountingCE", frozenset(SFT_TAGS), lambda v: v),
     "preference": Kind("tiny_pref_data", "contract_losses.CountingDPO", frozenset(PREFERENCE_TAGS), lambda v: v["loss"]),
+    "policy": Kind("tiny_prompt_data", "contract_losses.CountingGRPO", frozenset(POLICY_TAGS), lambda v: v["reward"],
+                   data_values={"max_prompt_len": 64}, packs=False,
+                   values={"rewards": ["contract_losses.vowels"], "num_generations": 4, "max_new_tokens": 6}),
+    "distillation": Kind("tiny_data", "contract_losses.CountingKL", frozenset(DISTILLATION_TAGS), lambda v: v["kl"]),
 }
 
 
@@ -106,15 +138,17 @@ CASES = [
     Case("dpo_distributed", "preference", {"lora": LORA, "dtype": "fp32"}),
     Case("dpo_distributed", "preference", {"full": True, "dtype": "fp32", "lr": 1e-3, "save_merged": True},
          weights="merged/model.safetensors", id="dpo_distributed-full"),
+    Case("grpo_single_device", "policy", {"lora": LORA, "dtype": "fp32"}),
+    Case("knowledge_distillation_single_device", "distillation", {"lora": LORA, "dtype": "fp32", "teacher": "TEACHER"}),
 ]
 
 
 def common_values(data: dict[str, Path], out: Path, kind: Kind) -> dict[str, Any]:
     return {
-        "data": {"train": str(data["train"]), "val": str(data["val"]), "max_seq_len": 64, "packing": True},
+        "data": {"train": str(data["train"]), "val": str(data["val"]), **kind.data_values},
         "output_dir": str(out), "device": "cpu", "batch_size": 2, "max_steps": STEPS, "lr": 1e-2, "warmup_steps": 1,
         "save_every": SAVE_AT, "eval_every": SAVE_AT, "keep_last": 0, "eval_batches": 1, "sample_max_new_tokens": 3,
-        "tensorboard": True, "loss": kind.loss,
+        "tensorboard": True, "loss": kind.loss, **kind.values,
     }
 
 
@@ -141,7 +175,9 @@ def runs(request, tiny_llama_dir, tmp_path_factory) -> Runs:
     (tmp / "contract_losses.py").write_text(CONTRACT_LOSSES)
 
     def values(out: Path) -> dict[str, Any]:
-        return {"model": str(tiny_llama_dir), **common_values(data, out, kind), **case.values}
+        extra = {k: (str(request.getfixturevalue("tiny_teacher_dir")) if v == "TEACHER" else v)
+                 for k, v in case.values.items()}  # the distillation teacher: another tiny model
+        return {"model": str(tiny_llama_dir), **common_values(data, out, kind), **extra}
 
     packed_rows: list[int] = []
     real_hidden_states = Llama.hidden_states
@@ -190,6 +226,8 @@ def test_held_out_evaluation_before_and_after(runs):
 
 
 def test_packing_puts_several_documents_in_a_row(runs):
+    if not KINDS[runs.case.kind].packs:
+        pytest.skip(f"{runs.case.recipe} trains on sampled completions: packing does not apply")
     assert runs.packed_rows, "data.packing=true but no training forward received document ids"
     assert max(runs.packed_rows) >= 3  # several documents (pairs: both responses) share a row
 

@@ -217,7 +217,7 @@ def evaluate_rewards(model: nn.Module, tokenizer: Any, val_set: Any, reward_fns:
 def report_rewards(metrics: dict[str, Any], when: str, names: Sequence[str], show_sample: bool = True) -> None:
     """Print ``held-out reward: X`` (and each function's mean) and, with ``show_sample``, one greedy answer."""
     parts = ", ".join(f"{name} {metrics[name]:.3f}" for name in names)
-    print(f"held-out reward: {metrics['reward']:.3f} ({when} training; {parts})", flush=True)
+    print(f"held-out reward: {metrics['reward']:.3f} ({when} training); {parts}", flush=True)
     if show_sample:
         prompt, answer = metrics["sample"]
         print(f"sample prompt: {prompt}\nsample answer ({when}): {answer}", flush=True)
