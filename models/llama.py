@@ -377,21 +377,48 @@ class CausalLM(nn.Module):
             layer.attn.use_sdpa = implementation == "sdpa"
 
     # -- KV cache for generation ------------------------------------------------------------------
-    def setup_kv_cache(self, batch: int, max_len: int | None = None) -> None:
-        """Give every attention layer an empty cache of ``max_len`` positions."""
+    kv_left_padding: Tensor | None = None  # [b] pad slots before each row's prompt (batched generation)
+
+    def setup_kv_cache(self, batch: int, max_len: int | None = None, left_padding: Tensor | None = None) -> None:
+        """Give every attention layer an empty cache of ``max_len`` positions.
+
+        Args:
+            batch: Rows decoded together.
+            max_len: Cache length (prompt + new tokens); defaults to ``config.max_seq_len``.
+            left_padding: [batch] number of pad tokens in front of each row's prompt, when prompts of
+                different lengths share one batch. Pad slots are masked out for the real tokens, and
+                each row's positions start at 0 on its first real token, so a padded row computes
+                what it would alone.
+        """
         max_len = max_len or self.config.max_seq_len
         p = self.tok_embeddings.weight
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(batch, max_len, self.config.num_kv_heads, self.config.head_dim, p.dtype, p.device)
+        self.kv_left_padding = left_padding
 
     def clear_kv_cache(self) -> None:
         """Drop the caches (back to training-style full-sequence forward)."""
         for layer in self.layers:
             layer.attn.kv_cache = None
+        self.kv_left_padding = None
 
     def kv_cache_length(self) -> int:
         cache = self.layers[0].attn.kv_cache if len(self.layers) else None
         return cache.length if cache is not None else 0
+
+    def cache_slots(self, b: int, s: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Where ``s`` new tokens sit relative to the KV cache, for the attention mask and RoPE.
+
+        Returns:
+            ``(kv_slot, positions, real)``: the slot of every key, cached and new [b, t]
+            (t = cache length + s); the default position of each new token [b, s] (its slot, minus
+            the row's left padding); which keys are real tokens [b, t] (``None`` without padding).
+        """
+        kv_slot = torch.arange(self.kv_cache_length() + s, device=device).expand(b, -1)
+        if self.kv_left_padding is None:
+            return kv_slot, kv_slot[:, -s:], None
+        pad = self.kv_left_padding.to(device)[:, None]
+        return kv_slot, (kv_slot[:, -s:] - pad).clamp(min=0), kv_slot >= pad
 
 
 class Llama(CausalLM):
@@ -437,13 +464,13 @@ class Llama(CausalLM):
                 stays within a document. ``None`` means one document per row (plain causal).
         """
         b, s = tokens.shape
-        cache_len = self.kv_cache_length()
-        if positions is None:
-            positions = torch.arange(cache_len, cache_len + s, device=tokens.device).expand(b, s)
+        kv_slot, default_positions, real = self.cache_slots(b, s, tokens.device)
+        positions = default_positions if positions is None else positions
         mask = None  # None → SDPA's own causal fast path
-        if document_ids is not None or cache_len > 0:
-            kv_pos = torch.arange(cache_len + s, device=tokens.device).expand(b, -1)
-            mask = attention_mask(positions if cache_len else kv_pos[:, -s:], kv_pos, document_ids, document_ids)
+        if document_ids is not None or kv_slot.shape[1] > s or real is not None:
+            # Causal by slot; pads and real tokens of a left-padded row never see each other.
+            q_doc, kv_doc = (document_ids, document_ids) if real is None else (real[:, -s:], real)
+            mask = attention_mask(kv_slot[:, -s:], kv_slot, q_doc, kv_doc)
         x = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer in self.layers:
