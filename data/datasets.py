@@ -292,6 +292,7 @@ class SFTDataset(Dataset):
         locations = getattr(records, "locations", None) or [f"{source_name} record {i}" for i in range(len(records))]
         self.items: list[dict] = []
         self.conversations: list[list[dict]] = []  # the rendered messages, for sample prompts
+        self.records: list[dict] = []  # the raw record of each kept example (fields for eval metrics)
         self.num_truncated = 0
         dropped = 0
         for record, where in zip(records, locations):
@@ -308,6 +309,7 @@ class SFTDataset(Dataset):
                 continue
             self.items.append({"tokens": tokens, "labels": labels})
             self.conversations.append(messages)
+            self.records.append(record)
         if dropped:
             warnings.warn(f"{source_name}: dropped {dropped} example(s) with no assistant tokens within "
                           f"max_seq_len={max_seq_len}; raise max_seq_len to keep them")
@@ -325,3 +327,7 @@ class SFTDataset(Dataset):
         messages = self.conversations[i]
         last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
         return messages[:last]
+
+    def reference(self, i: int) -> str:
+        """Example ``i``'s target answer: its last assistant turn (what eval metrics compare against)."""
+        return [m for m in self.conversations[i] if m["role"] == "assistant"][-1]["content"]

@@ -151,6 +151,8 @@ class PreferenceDataset(Dataset):
         locations = getattr(records, "locations", None) or [f"{source_name} record {i}" for i in range(len(records))]
         self.items: list[dict] = []
         self.prompts: list[Messages] = []
+        self.chosen: list[str] = []  # the preferred answer of each kept pair (the eval metrics' reference)
+        self.records: list[dict] = []  # the raw record of each kept pair (fields for eval metrics)
         dropped = 0
         for record, where in zip(records, locations):
             if not isinstance(record, dict):
@@ -167,6 +169,8 @@ class PreferenceDataset(Dataset):
             item["index"] = len(self.items)
             self.items.append(item)
             self.prompts.append(prompt)
+            self.chosen.append(chosen)
+            self.records.append(record)
         if dropped:
             warnings.warn(f"{source_name}: dropped {dropped} pair(s) whose answer starts beyond "
                           f"max_seq_len={max_seq_len}; raise max_seq_len to keep them")
@@ -182,6 +186,10 @@ class PreferenceDataset(Dataset):
     def prompt_messages(self, i: int) -> Messages:
         """Pair ``i``'s prompt (for a sample answer)."""
         return self.prompts[i]
+
+    def reference(self, i: int) -> str:
+        """Pair ``i``'s chosen answer (what eval metrics compare against)."""
+        return self.chosen[i]
 
 
 def preference_collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

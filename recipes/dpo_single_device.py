@@ -3,7 +3,7 @@
     load base model + tokenizer ─► LoRA adapters (or train all weights: full=true) ─► tokenize pairs
     reference = the same network with adapters disabled (LoRA) | a frozen copy (full)
                 | a table computed once per dataset pass (precompute_reference=true)
-    report held-out reward accuracy (before)
+    report held-out reward accuracy, and eval_metric over greedy answers (before)
     for step in steps:
         for each of grad_accum_steps micro-batches of b pairs:
             chosen + rejected: ONE forward pass over 2b rows → summed response log-probs
@@ -11,7 +11,8 @@
             loss = Σ pair losses / pairs in the step ; loss.backward()
         clip grad norm ; AdamW step ; LR schedule step
         log (loss, reward accuracy, margin, rewards, log-probs, lr, tokens/s) ; eval ; checkpoint
-    report held-out reward accuracy (after) ; final checkpoint (PEFT adapter / merged model)
+    report held-out reward accuracy, eval_metric (after) ; final checkpoint (PEFT adapter / merged model)
+    print the before → after table
 
 The loss is chosen by name or import path (``loss=ipo``, ``loss=my_losses.MyLoss``) with its own
 ``loss_args``; every loss takes the same ``PreferenceLogProbs`` (see training/preference_losses.py).
@@ -30,8 +31,9 @@ from tunesmith.models import apply_lora
 from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
 from tunesmith.training.config import to_yaml
-from tunesmith.training.evaluation import sample_answer
-from tunesmith.training.metrics import MetricLogger, peak_memory_gib
+from tunesmith.training.eval_metrics import load_eval_metrics
+from tunesmith.training.evaluation import HeldOutReport, answer_held_out, write_held_out_report
+from tunesmith.training.metrics import metric_logger, peak_memory_gib
 from tunesmith.training.options import LoRAOptions, RunOptions
 from tunesmith.training.preference import (
     PreferenceDataOptions,
@@ -89,6 +91,7 @@ def main(cfg: Config) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     remove_stale_temp_dirs(output_dir)
+    eval_metrics = load_eval_metrics(cfg.eval_metric)  # before loading anything: a typo fails at once
 
     base = load_model_and_tokenizer(cfg.model, cfg.tokenizer, dtype, device, cfg.chat_template)
     model, tokenizer = base.model, base.tokenizer
@@ -116,6 +119,7 @@ def main(cfg: Config) -> dict[str, Any]:
             train_table = reference.precompute(train_set, batches.collate, cfg.batch_size, device)
             val_table = reference.precompute(val_set, val_batches.collate, cfg.batch_size, device)
     step = resume_latest(output_dir, params, optimizer, scheduler) if cfg.resume else 0
+    logger = metric_logger(cfg, total_steps, start_step=step)
 
     def save(at_step: int, final: bool = False) -> Path:
         common = dict(model=model, optimizer=optimizer, scheduler=scheduler, micro_batches=at_step * cfg.grad_accum_steps,
@@ -125,18 +129,20 @@ def main(cfg: Config) -> dict[str, Any]:
         return save_adapter_checkpoint(output_dir, at_step, lora=cfg.lora, base_model=base.source,
                                        merged_tokenizer_dir=base.tokenizer_dir, **common)
 
-    def held_out(when: str) -> dict[str, float]:
+    def held_out(when: str) -> HeldOutReport:
         metrics = evaluate_preferences(model, val_batches, loss_fn, reference, device, table=val_table,
                                        max_batches=cfg.eval_batches)
         report_preferences(metrics, when)
-        if cfg.sample_max_new_tokens > 0:
-            answer = sample_answer(model, tokenizer, val_set.prompt_messages(0), cfg.sample_max_new_tokens)
-            print(f"sample prompt: {val_set.prompt_messages(0)[-1]['content']}\nsample answer ({when}): {answer}", flush=True)
-        return metrics
+        report = HeldOutReport(when, scores=metrics, percent=["reward_acc"])
+        if cfg.sample_max_new_tokens > 0:  # greedy answers to the held-out prompts, scored against the chosen ones
+            answer_held_out(model, tokenizer, val_set, eval_metrics, report, examples=cfg.eval_examples,
+                            max_new_tokens=cfg.sample_max_new_tokens, batch_size=cfg.batch_size,
+                            show_samples=cfg.show_samples)
+        logger.log(step, report.scalars(), advance=False)
+        return report
 
     # ---- before ------------------------------------------------------------------------------------
-    before = held_out("before") if step == 0 else {}
-    logger = MetricLogger(output_dir / "tensorboard" if cfg.tensorboard else None, total_steps, start_step=step)
+    before = held_out("before") if step == 0 else None
     losses: list[float] = []
 
     # ---- training loop -----------------------------------------------------------------------------
@@ -176,16 +182,16 @@ def main(cfg: Config) -> dict[str, Any]:
             logger.write(f"step {step}: held-out reward accuracy {100 * val['reward_acc']:.1f}%, margin {val['margin']:.3f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             save(step)
-    logger.close()
 
     # ---- after -------------------------------------------------------------------------------------
     after = held_out("after")
-    if before:
-        print(f"held-out reward accuracy: {100 * before['reward_acc']:.1f}% before → {100 * after['reward_acc']:.1f}% after")
     final_dir = save(step, final=True)
+    report_file = write_held_out_report(output_dir, before, after)
+    logger.close(artifacts=[report_file] + ([] if cfg.full else [final_dir / "adapter"]))  # not a full model
     what = "model" if cfg.full else "adapter"
     print(f"{what} checkpoint saved to {final_dir}" + (f"; merged model in {final_dir / 'merged'}" if cfg.save_merged else ""))
-    return {"losses": losses, "held_out_before": before, "held_out_after": after, "checkpoint": final_dir}
+    return {"losses": losses, "held_out_before": before.scores if before else {}, "held_out_after": after.scores,
+            "held_out": (before, after), "checkpoint": final_dir}
 
 
 if __name__ == "__main__":

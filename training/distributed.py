@@ -326,25 +326,6 @@ def load_for_training(model: str, tokenizer: str | None, chat_template: str | No
     return base
 
 
-class SilentLogger:
-    """Stands in for ``MetricLogger`` on ranks other than 0: one progress bar per job, not per rank."""
-
-    def start_step(self) -> None:
-        pass
-
-    def tokens_per_second(self, tokens: int) -> float:
-        return 0.0
-
-    def log(self, step: int, scalars: dict[str, float], *, advance: bool = True) -> None:
-        pass
-
-    def write(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def main_rank_prints(env: DistEnv) -> Any:
     """Context manager: inside it, only rank 0's ``print`` output is shown."""
     return contextlib.nullcontext() if env.is_main else contextlib.redirect_stdout(io.StringIO())

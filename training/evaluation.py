@@ -1,13 +1,28 @@
-"""Held-out evaluation: mean token loss on the validation split, and a sample answer to read."""
+"""Held-out evaluation: the loss, and what users care about: greedy answers scored by a metric.
+
+    before = held_out_report(model, ..., when="before")    # loss, metric means, a few samples printed
+    ... train ...
+    after = held_out_report(model, ..., when="after")
+    write_held_out_report(output_dir, before, after)        # before → after table + held_out_report.json
+
+The answers come from ``generate_batch`` (greedy, KV cache, ``batch_size`` prompts at a time) and
+are scored by the ``eval_metric`` functions (see training/eval_metrics.py for their contract).
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from tunesmith.training.batching import BatchStream
+from tunesmith.training.eval_metrics import Metric, score
 from tunesmith.training.losses import IGNORE_INDEX
+
+REPORT_FILE = "held_out_report.json"
 
 
 @torch.no_grad()
@@ -35,32 +50,132 @@ def evaluate_loss(model: torch.nn.Module, batches: BatchStream, loss_fn: Any, de
     return total / max(1, count)
 
 
-def sample_answer(model: torch.nn.Module, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int) -> str:
-    """Greedy answer of the model to a chat prompt (for the before/after report)."""
-    from tunesmith.models.generation import generate
+@dataclass
+class HeldOutReport:
+    """What one held-out evaluation found.
 
-    was_training = model.training
-    model.eval()
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    device = next(model.parameters()).device
-    out = generate(model, torch.tensor(prompt, device=device), max_new_tokens=max_new_tokens,
-                   temperature=0.0, stop_ids=tokenizer.stop_ids)
-    model.train(was_training)
-    return tokenizer.decode(out)
+    Attributes:
+        when: ``before`` or ``after`` (training).
+        scores: ``loss`` (or the preference metrics) and the mean of every eval metric.
+        percent: Names in ``scores`` whose per-example values all lie in [0, 1] (shown as %).
+        samples: ``{"prompt", "reference", "answer", <metric>: score}`` for every answered example.
+    """
+
+    when: str
+    scores: dict[str, float] = field(default_factory=dict)
+    percent: list[str] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def scalars(self) -> dict[str, float]:
+        """The scores under ``val/`` names, as the metric loggers get them."""
+        return {f"val/{name}": value for name, value in self.scores.items()}
+
+    def show(self, name: str) -> str:
+        value = self.scores[name]
+        return f"{100 * value:.1f}%" if name in self.percent else f"{value:.4f}"
+
+
+def record_fields(dataset: Any, n: int) -> dict[str, list]:
+    """The first ``n`` examples' record fields, one list per field (None where a record lacks it),
+    plus ``reference``: each example's target answer."""
+    records = dataset.records[:n]
+    names = list(dict.fromkeys(k for r in records for k in r))
+    fields = {k: [r.get(k) for r in records] for k in names}
+    fields["reference"] = [dataset.reference(i) for i in range(n)]
+    return fields
+
+
+def answer_held_out(model: torch.nn.Module, tokenizer: Any, dataset: Any, metrics: dict[str, Metric],
+                    report: HeldOutReport, *, examples: int, max_new_tokens: int, batch_size: int,
+                    show_samples: int) -> None:
+    """Answer the first ``examples`` held-out prompts greedily, score them, print a few; fill ``report``.
+
+    Args:
+        model: The model (mode restored after).
+        tokenizer: Renders each prompt with the chat template; its stop ids end an answer.
+        dataset: Held-out set with ``prompt_messages(i)``, ``reference(i)`` and ``records``.
+        metrics: ``{name: fn}`` from ``load_eval_metrics``.
+        report: Gets the metric means and the samples.
+        examples: How many examples to answer (0: all).
+        max_new_tokens: Longest answer.
+        batch_size: Prompts decoded together.
+        show_samples: How many of them to print.
+    """
+    from tunesmith.models.generation import generate_batch
+
+    n = len(dataset) if examples <= 0 else min(examples, len(dataset))
+    messages = [dataset.prompt_messages(i) for i in range(n)]
+    prompt_ids = [tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in messages]
+    answers: list[str] = []
+    for start in range(0, n, max(1, batch_size)):
+        new = generate_batch(model, prompt_ids[start:start + batch_size], max_new_tokens=max_new_tokens,
+                             stop_ids=tokenizer.stop_ids)
+        answers += [tokenizer.decode(ids) for ids in new]
+    prompts = [m[-1]["content"] for m in messages]
+    fields = record_fields(dataset, n)
+    per_example = {name: score(fn, name, prompts, answers, fields) for name, fn in metrics.items()}
+    for name, values in per_example.items():
+        report.scores[name] = sum(values) / max(1, len(values))
+        if all(0.0 <= v <= 1.0 for v in values):
+            report.percent.append(name)
+    report.samples = [{"prompt": prompts[i], "reference": fields["reference"][i], "answer": answers[i],
+                       **{name: values[i] for name, values in per_example.items()}} for i in range(n)]
+
+    if metrics:
+        means = ", ".join(f"{name} {report.show(name)}" for name in metrics)
+        print(f"held-out answers ({report.when} training, {n} examples, greedy): {means}", flush=True)
+    for i, sample in enumerate(report.samples[:show_samples]):
+        marks = ", ".join(f"{name} {sample[name]:.3g}" for name in metrics)
+        print(f"  sample {i + 1}: {sample['prompt']!r}\n    reference: {sample['reference']!r}\n"
+              f"    answer ({report.when}): {sample['answer']!r}" + (f"  [{marks}]" if marks else ""), flush=True)
 
 
 def held_out_report(model: torch.nn.Module, tokenizer: Any, batches: BatchStream, dataset: Any, loss_fn: Any,
-                    device: torch.device, *, when: str, max_batches: int = 0, max_new_tokens: int = 48) -> float:
-    """Print ``held-out loss: X`` and one sample answer, so a user sees at once whether training helped.
+                    device: torch.device, *, when: str, metrics: dict[str, Metric], max_batches: int = 0,
+                    examples: int = 30, max_new_tokens: int = 48, batch_size: int = 8,
+                    show_samples: int = 3) -> HeldOutReport:
+    """Print the held-out loss, the eval metrics over greedy answers and a few samples.
+
+    Args:
+        when: ``before`` or ``after``, for the printout.
+        metrics: ``{name: fn}`` (``load_eval_metrics(cfg.eval_metric)``); empty: loss and samples only.
+        max_batches: Loss over at most this many held-out batches (0: all).
+        examples: Held-out examples answered and scored (0: all).
+        max_new_tokens: Longest answer; 0 answers nothing (no metric, no samples).
+        batch_size: Prompts decoded together.
+        show_samples: Answers printed.
 
     Returns:
-        The held-out loss.
+        The report: ``scores["loss"]`` and each metric's mean, and every answer.
     """
     loss = evaluate_loss(model, batches, loss_fn, device, max_batches=max_batches)
     print(f"held-out loss: {loss:.4f} ({when} training)", flush=True)
-    if max_new_tokens > 0 and len(dataset) > 0:
-        messages = dataset.prompt_messages(0)
-        question = messages[-1]["content"].replace("\n", " ")
-        print(f"sample prompt: {question}", flush=True)
-        print(f"sample answer ({when}): {sample_answer(model, tokenizer, messages, max_new_tokens)}", flush=True)
-    return loss
+    report = HeldOutReport(when, scores={"loss": loss})
+    if max_new_tokens > 0:
+        answer_held_out(model, tokenizer, dataset, metrics, report, examples=examples, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, show_samples=show_samples)
+    return report
+
+
+def write_held_out_report(output_dir: str | Path, before: HeldOutReport | None, after: HeldOutReport) -> Path:
+    """Print the before → after table and write both reports to ``output_dir/held_out_report.json``.
+
+    Args:
+        before: The report before training (``None`` for a resumed run, which did not measure it).
+        after: The report after training.
+
+    Returns:
+        The JSON file (logged as an artifact of the run).
+    """
+    from tunesmith.training.checkpointing import atomic_write_text
+
+    answered = len(after.samples)
+    print("held-out, before → after training" + (f" ({answered} answered examples)" if answered else "") + ":")
+    for name in after.scores:
+        was = before.show(name) if before is not None and name in before.scores else "—"
+        print(f"  {name:<24} {was:>10} → {after.show(name)}")
+    path = Path(output_dir) / REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"before": asdict(before) if before is not None else None, "after": asdict(after)}
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    return path

@@ -60,6 +60,33 @@ class LoRAOptions:
 
 
 @dataclass
+class WandbOptions:
+    """Weights & Biases run placement (``logger=wandb``); unset values come from W&B's environment.
+
+    Attributes:
+        project: W&B project; unset: ``WANDB_PROJECT``, else ``tunesmith``.
+        entity: W&B user or team; unset: ``WANDB_ENTITY``, else your default entity.
+    """
+
+    project: str | None = None
+    entity: str | None = None
+
+
+@dataclass
+class MLflowOptions:
+    """MLflow run placement (``logger=mlflow``).
+
+    Attributes:
+        tracking_uri: Tracking server or store URI; unset: ``MLFLOW_TRACKING_URI``, else a local
+            SQLite store in ``output_dir/mlflow`` (``mlflow ui --backend-store-uri sqlite:///...``).
+        experiment: Experiment name; unset: ``MLFLOW_EXPERIMENT_NAME``, else ``tunesmith``.
+    """
+
+    tracking_uri: str | None = None
+    experiment: str | None = None
+
+
+@dataclass
 class RunOptions:
     """Options every recipe shares, declared once: a recipe's ``Config`` subclasses this and adds its own.
 
@@ -69,7 +96,7 @@ class RunOptions:
         tokenizer: Tokenizer source when it differs from ``model``.
         chat_template: Override the tokenizer's chat template: chatml, llama3, llama2, gemma, or a
             Jinja file (base models often ship none).
-        output_dir: Checkpoints, TensorBoard events and final outputs go here.
+        output_dir: Checkpoints, metric logs and final outputs go here.
         device: ``auto``, ``cpu``, ``cuda``.
         dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
         seed: Seeds initialisation, dropout and data order.
@@ -95,8 +122,20 @@ class RunOptions:
         save_every: Checkpoint every N steps (0: only at the end).
         keep_last: Step checkpoints kept on disk (0: all).
         resume: Continue from the newest checkpoint in ``output_dir``.
-        sample_max_new_tokens: Length of the before/after sample answer (0: no sample).
-        tensorboard: Write TensorBoard events to ``output_dir/tensorboard``.
+        sample_max_new_tokens: Longest held-out answer in the before/after report (0: answer nothing,
+            so no eval metric and no samples).
+        eval_metric: What the before/after report scores the greedy held-out answers with:
+            ``exact_match``, ``json_valid``, ``json_fields``, ``json_all_fields``, an import path to
+            your own ``fn(prompts, completions, **record_fields) -> list[float]`` (the reward-function
+            contract; see training/eval_metrics.py), a list of these, or ``none``.
+        eval_examples: Held-out examples answered and scored before and after training (0: all).
+        show_samples: Answers printed in the report.
+        logger: Where metrics go besides the progress bar: ``tensorboard`` (``output_dir/tensorboard``),
+            ``wandb``, ``mlflow``, a list of them (``[tensorboard,wandb]``) or ``none``. Every one gets
+            the same metrics at the same steps, the resolved config, and the outputs (adapter,
+            held-out report) at the end. wandb and mlflow are extras: ``pip install "tunesmith[wandb]"``.
+        wandb: W&B project/entity (see ``WandbOptions``); W&B's own ``WANDB_*`` variables work too.
+        mlflow: MLflow tracking URI/experiment (see ``MLflowOptions``).
     """
 
     model: str = MISSING
@@ -123,4 +162,9 @@ class RunOptions:
     keep_last: int = 2
     resume: bool = False
     sample_max_new_tokens: int = 48
-    tensorboard: bool = True
+    eval_metric: str | list[str] = "exact_match"
+    eval_examples: int = 30
+    show_samples: int = 3
+    logger: str | list[str] = "tensorboard"
+    wandb: WandbOptions = field(default_factory=WandbOptions)
+    mlflow: MLflowOptions = field(default_factory=MLflowOptions)
