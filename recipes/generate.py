@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from tunesmith.models import load_peft_adapter
 from tunesmith.models.generation import generate
 from tunesmith.recipes.lora_single_device import Config as TrainingConfig
-from tunesmith.training.checkpointing import latest_checkpoint
-from tunesmith.training.config import ConfigError
+from tunesmith.training.checkpointing import find_adapter
 from tunesmith.training.setup import load_model_and_tokenizer, select_device, select_dtype
 
 
@@ -46,26 +44,13 @@ class Config(TrainingConfig):
     top_p: float = 1.0
 
 
-def find_adapter(cfg: Config) -> Path | None:
-    if cfg.adapter == "none":
-        return None
-    if cfg.adapter == "auto":
-        ckpt = latest_checkpoint(cfg.output_dir)
-        return ckpt / "adapter" if ckpt is not None else None
-    path = Path(cfg.adapter)
-    path = path / "adapter" if (path / "adapter").is_dir() else path
-    if not (path / "adapter_config.json").is_file():
-        raise ConfigError(f"adapter={cfg.adapter}: no adapter_config.json in {path}")
-    return path
-
-
 def main(cfg: Config) -> list[str]:
     device = select_device(cfg.device)
     dtype = select_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     base = load_model_and_tokenizer(cfg.model, cfg.tokenizer, dtype, device, cfg.chat_template)
     model, tokenizer = base.model, base.tokenizer
-    adapter = find_adapter(cfg)
+    adapter = find_adapter(cfg.adapter, cfg.output_dir, base_model=base.source)
     if adapter is not None:
         load_peft_adapter(model, adapter)  # adds LoRA layers as adapter_config.json describes
     print(f"model: {cfg.model}" + (f" + adapter {adapter}" if adapter else " (no adapter)"), file=sys.stderr)

@@ -243,3 +243,39 @@ def save_adapter_checkpoint(
         writers["merged"] = lambda path: save_hf_checkpoint(model, path, tokenizer_dir=merged_tokenizer_dir)
     return save_checkpoint(output_dir, step, trainable=lora_state_dict(model), state=state, config_yaml=config_yaml,
                            extra_writers=writers, keep_last=keep_last)
+
+
+def find_adapter(choice: str, output_dir: str | Path, base_model: str | None = None) -> Path | None:
+    """Resolve an ``adapter`` / ``checkpoint`` option to a PEFT adapter folder.
+
+    Args:
+        choice: ``auto`` (the newest checkpoint's ``adapter/`` in ``output_dir``, if any), ``none``, or
+            a path to an adapter folder or a checkpoint folder holding ``adapter/``.
+        output_dir: The run's folder, searched by ``auto``.
+        base_model: With ``auto``, the adapter is used only when it records this base model (so a
+            merged model, or another base, is never given an adapter trained for a different one).
+
+    Raises:
+        ConfigError: a path without ``adapter_config.json``.
+    """
+    import json
+
+    from tunesmith.training.config import ConfigError
+
+    if choice == "none":
+        return None
+    if choice == "auto":
+        ckpt = latest_checkpoint(output_dir)
+        adapter = ckpt / "adapter" if ckpt is not None else None
+        if adapter is None or not (adapter / "adapter_config.json").is_file():
+            return None
+        trained_on = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if base_model is not None and trained_on != base_model:
+            print(f"not applying {adapter}: it was trained on {trained_on}, not {base_model}")
+            return None
+        return adapter
+    path = Path(choice)
+    path = path / "adapter" if (path / "adapter").is_dir() else path
+    if not (path / "adapter_config.json").is_file():
+        raise ConfigError(f"{choice}: no adapter_config.json in {path} (give a checkpoint folder step_N or its adapter/)")
+    return path

@@ -136,7 +136,10 @@ def run(recipe: str, args: list[str]) -> int:
         raise ConfigError(f"missing --config: name a bundled config (`tune-run ls`) or a YAML file\n{USAGE}")
     module = load_recipe(recipe)
     config_path = resolve_config_path(config)
-    cfg = build_config(module.Config, load_yaml(config_path), overrides, yaml_name=str(config_path))
+    values = load_yaml(config_path)
+    if hasattr(module, "config_file_values"):  # a recipe that reads another recipe's config file (eval)
+        values = module.config_file_values(values)
+    cfg = build_config(module.Config, values, overrides, yaml_name=str(config_path))
     if dry_run:
         print(to_yaml(cfg), end="")
         if hasattr(module, "estimate_memory"):

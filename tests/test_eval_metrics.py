@@ -1,0 +1,108 @@
+"""The held-out report's metrics: built-ins against hand-computed values, a user's metric by import path,
+and the report's answers against our own ``generate``."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from tunesmith.training.config import ConfigError
+from tunesmith.training.eval_metrics import (
+    exact_match,
+    json_all_fields,
+    json_fields,
+    json_valid,
+    load_eval_metrics,
+)
+
+REFERENCE = ['{"name": "Mei", "age": 74, "city": "Porto"}'] * 5
+ANSWERS = [
+    '{"name": "Mei", "age": 74, "city": "Porto"}',  # all right
+    '{\n  "name": "Mei",\n  "age": 74,\n  "city": "Gaulice"\n}',  # valid, 2 of 3 fields
+    '{"name": "Mei", "age": "74", "city": "Porto", "job": "nurse"}',  # age is a string: 2 of 3; extra key ignored
+    'Sure! Here is the JSON: {"name": "Mei"}',  # not JSON as a whole
+    '["Mei", 74, "Porto"]',  # JSON, but not an object
+]
+
+
+def test_json_metrics_against_hand_computed_scores():
+    prompts = ["p"] * 5
+    assert json_valid(prompts, ANSWERS) == [1, 1, 1, 0, 0]
+    assert json_fields(prompts, ANSWERS, reference=REFERENCE) == pytest.approx([1, 2 / 3, 2 / 3, 0, 0])
+    assert json_all_fields(prompts, ANSWERS, reference=REFERENCE) == [1, 0, 0, 0, 0]
+
+
+def test_exact_match_ignores_only_surrounding_whitespace():
+    assert exact_match(["p"] * 3, [" Porto\n", "porto", "Porto."], reference=["Porto"] * 3) == [1, 0, 0]
+
+
+def test_json_metric_on_non_json_references_is_a_config_error():
+    with pytest.raises(ConfigError, match="json_fields needs JSON-object reference answers.*example 1"):
+        json_fields(["p", "p"], ["{}", "{}"], reference=['{"a": 1}', "Porto"])
+
+
+def test_metrics_by_name_and_import_path(tmp_path, monkeypatch):
+    (tmp_path / "my_metrics.py").write_text("def length(prompts, completions, **_):\n    return [len(c) for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    metrics = load_eval_metrics(["json_valid", "my_metrics.length"])
+    assert list(metrics) == ["json_valid", "length"] and metrics["length"](["p"], ["abc"]) == [3]
+    assert load_eval_metrics("none") == {} and list(load_eval_metrics("exact_match")) == ["exact_match"]
+    with pytest.raises(ConfigError, match="neither a built-in metric"):
+        load_eval_metrics("exact_mtch")
+    with pytest.raises(ConfigError, match="cannot import module 'no_such_module'"):
+        load_eval_metrics("no_such_module.fn")
+
+
+def test_report_scores_our_greedy_answers_and_passes_record_fields(tiny_llama_dir, tiny_data, tmp_path, monkeypatch):
+    """A training run with a custom metric by import path: the metric gets the prompts, our ``generate``'s
+    answers and every record field; the report's means and the JSON file follow from them."""
+    from tunesmith.models.generation import generate
+    from tunesmith.recipes import lora_single_device as recipe
+    from tunesmith.training.config import build_config
+
+    (tmp_path / "probe_metrics.py").write_text(textwrap.dedent("""
+        CALLS = []
+
+        def words(prompts, completions, reference, instruction, input, output, **_):
+            CALLS.append(dict(prompts=prompts, completions=completions, reference=reference,
+                              instruction=instruction, input=input, output=output))
+            return [float(len(c.split())) for c in completions]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = build_config(recipe.Config, {
+        "model": str(tiny_llama_dir), "data": {"train": str(tiny_data["train"]), "val": str(tiny_data["val"]),
+                                               "max_seq_len": 64},
+        "output_dir": str(tmp_path / "run"), "device": "cpu", "dtype": "fp32", "max_steps": 2, "lr": 1e-2,
+        "warmup_steps": 0, "logger": "none", "eval_batches": 1, "sample_max_new_tokens": 6, "eval_examples": 5,
+        "batch_size": 2, "eval_metric": ["exact_match", "probe_metrics.words"]}, [])
+    result = recipe.main(cfg)
+    import probe_metrics
+
+    before, after = result["held_out"]
+    assert len(probe_metrics.CALLS) == 2  # before and after
+    call = probe_metrics.CALLS[1]
+    records = [json.loads(line) for line in tiny_data["val"].read_text().splitlines()[:5]]
+    assert call["output"] == call["reference"] == [r["output"] for r in records]
+    assert call["input"] == [r["input"] for r in records] and call["instruction"] == [r["instruction"] for r in records]
+    assert call["prompts"] == [f"{r['instruction']}\n\n{r['input']}" for r in records]
+
+    # The answers are our plain greedy generate's, with the trained adapter (result's model state at the end).
+    from tunesmith.models import load_peft_adapter
+    from tunesmith.training.setup import load_model_and_tokenizer
+
+    base = load_model_and_tokenizer(str(tiny_llama_dir), None, torch.float32, torch.device("cpu"))
+    load_peft_adapter(base.model, result["checkpoint"] / "adapter")
+    tok = base.tokenizer
+    for sample, record in zip(after.samples, records):
+        prompt = tok.apply_chat_template([{"role": "user", "content": sample["prompt"]}], add_generation_prompt=True)
+        assert sample["answer"] == tok.decode(generate(base.model, prompt, max_new_tokens=6, stop_ids=tok.stop_ids,
+                                                       use_cache=False))
+    assert after.scores["words"] == pytest.approx(sum(len(s["answer"].split()) for s in after.samples) / 5)
+    assert after.scores["exact_match"] == sum(s["answer"].strip() == s["reference"] for s in after.samples) / 5
+    assert "words" not in after.percent and "exact_match" in after.percent  # word counts are not shares
+
+    saved = json.loads((tmp_path / "run" / "held_out_report.json").read_text())
+    assert saved["before"]["scores"] == pytest.approx(before.scores) and saved["after"]["samples"] == after.samples
