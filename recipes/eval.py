@@ -27,7 +27,12 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from tunesmith.models import load_peft_adapter
+from tunesmith.models.lora import disable_adapters
+from tunesmith.models.peft_adapter import read_adapter_config
+from tunesmith.training.checkpointing import atomic_write_text, find_adapter
 from tunesmith.training.config import ConfigError
+from tunesmith.training.setup import load_model_and_tokenizer, resolve_source, select_device, select_dtype
 
 EVAL_EXTRA = 'lm-eval is not installed: pip install "tunesmith[eval]"'
 
@@ -99,8 +104,6 @@ def config_file_values(values: dict[str, Any]) -> dict[str, Any]:
 
 def adapter_targets(adapter: Path) -> list[str]:
     """Our names of the layers an adapter sits on (PEFT's ``lm_head`` is our ``output``): the NF4 layers of QLoRA."""
-    from tunesmith.models.peft_adapter import read_adapter_config
-
     return ["output" if t == "lm_head" else t for t in read_adapter_config(adapter)["target_modules"]]
 
 
@@ -148,8 +151,6 @@ def run_tasks(lm: Any, cfg: Config, tasks: list[str], task_manager: Any, label: 
 
 def write_text(path: Path, text: str) -> None:
     """Write a result file atomically (readers never see half of it)."""
-    from tunesmith.training.checkpointing import atomic_write_text
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
 
@@ -176,17 +177,13 @@ def results_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def main(cfg: Config) -> dict[str, Any]:
-    try:
+    try:  # an optional extra: the recipe loads (and --dry-run works) without it
         import lm_eval
-        from lm_eval.tasks import TaskManager
     except ImportError:
         raise ConfigError(EVAL_EXTRA) from None
+    from lm_eval.tasks import TaskManager
 
-    from tunesmith.models import load_peft_adapter
-    from tunesmith.models.lora import disable_adapters
-    from tunesmith.training.checkpointing import find_adapter
     from tunesmith.training.lm_eval_model import TunesmithLM
-    from tunesmith.training.setup import load_model_and_tokenizer, resolve_source, select_device, select_dtype
 
     # ---- what to evaluate --------------------------------------------------------------------------
     tasks = [cfg.tasks] if isinstance(cfg.tasks, str) else list(cfg.tasks)

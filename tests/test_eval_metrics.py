@@ -106,3 +106,13 @@ def test_report_scores_our_greedy_answers_and_passes_record_fields(tiny_llama_di
 
     saved = json.loads((tmp_path / "run" / "held_out_report.json").read_text())
     assert saved["before"]["scores"] == pytest.approx(before.scores) and saved["after"]["samples"] == after.samples
+
+
+def test_demo_config_scores_json():
+    from tunesmith.recipes import lora_single_device as recipe
+    from tunesmith.training.cli import CONFIGS_DIR
+    from tunesmith.training.config import build_config, load_yaml
+
+    cfg = build_config(recipe.Config, load_yaml(CONFIGS_DIR / "smollm2_135m.yaml"), [])
+    assert list(load_eval_metrics(cfg.eval_metric)) == ["json_valid", "json_fields", "json_all_fields"]
+    assert cfg.eval_examples == 30 and cfg.sample_max_new_tokens > 0
