@@ -135,9 +135,7 @@ def main(cfg: Config) -> dict[str, Any]:
         report_preferences(metrics, when)
         report = HeldOutReport(when, scores=metrics, percent=["reward_acc"])
         if cfg.sample_max_new_tokens > 0:  # greedy answers to the held-out prompts, scored against the chosen ones
-            answer_held_out(model, tokenizer, val_set, eval_metrics, report, examples=cfg.eval_examples,
-                            max_new_tokens=cfg.sample_max_new_tokens, batch_size=cfg.batch_size,
-                            show_samples=cfg.show_samples)
+            answer_held_out(model, tokenizer, val_set, eval_metrics, report, cfg)
         logger.log(step, report.scalars(), advance=False)
         return report
 

@@ -32,24 +32,22 @@ from tunesmith.models.lora import disable_adapters
 from tunesmith.models.peft_adapter import read_adapter_config
 from tunesmith.training.checkpointing import atomic_write_text, find_adapter
 from tunesmith.training.config import ConfigError
+from tunesmith.training.options import ModelOptions
 from tunesmith.training.setup import load_model_and_tokenizer, resolve_source, select_device, select_dtype
 
 EVAL_EXTRA = 'lm-eval is not installed: pip install "tunesmith[eval]"'
 
 
 @dataclass
-class Config:
+class Config(ModelOptions):
     """Options of this recipe (YAML keys and ``key=value`` overrides use these names).
 
+    ``model``, ``tokenizer``, ``chat_template``, ``device``, ``dtype`` and ``output_dir`` come from
+    ``ModelOptions`` in training/options.py: ``model`` may also be a merged or fully fine-tuned model
+    folder; ``output_dir`` is the training run's folder (``checkpoint=auto`` looks for adapters
+    there) and results go to ``output_dir/eval/RESULTS.json``. This recipe adds these.
+
     Attributes:
-        model: Base model (local HF folder, Hub id, ``.gguf``, ``package:MODULE/FILE``) or a merged
-            / fully fine-tuned model folder.
-        tokenizer: Tokenizer source when it differs from ``model``.
-        chat_template: Override the tokenizer's chat template (chatml, llama3, llama2, gemma, or a file).
-        output_dir: The training run's folder: ``checkpoint=auto`` looks for adapters here, and
-            results go to ``output_dir/eval/RESULTS.json``.
-        device: ``auto``, ``cpu``, ``cuda``.
-        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
         quantize_base: QLoRA runs: store the base weights of the adapted layers in NF4, as in
             training (the adapter's ``target_modules`` say which); needs an adapter.
         checkpoint: ``auto``: the newest checkpoint's adapter in ``output_dir`` when it was trained
@@ -69,12 +67,6 @@ class Config:
             ``output_dir/eval/samples_<model>.jsonl`` (``<model>``: ``tuned``, ``base`` or ``model``).
     """
 
-    model: str = MISSING
-    tokenizer: str | None = None
-    chat_template: str | None = None
-    output_dir: str = "output/run"
-    device: str = "auto"
-    dtype: str = "auto"
     quantize_base: bool = False
     checkpoint: str = "auto"
     tasks: str | list[str] = MISSING

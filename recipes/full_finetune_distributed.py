@@ -131,10 +131,8 @@ def main(cfg: Config) -> dict[str, Any]:
 
     def held_out(when: str) -> HeldOutReport:
         with dist_utils.main_rank_prints(env):  # every rank runs the forward passes, rank 0 reports
-            report = held_out_report(model, tokenizer, val_batches, val_set, loss_fn, env.device, when=when,
-                                     metrics=eval_metrics, max_batches=cfg.eval_batches, examples=cfg.eval_examples,
-                                     max_new_tokens=cfg.sample_max_new_tokens, batch_size=cfg.batch_size,
-                                     show_samples=cfg.show_samples)
+            report = held_out_report(model, tokenizer, val_batches, val_set, loss_fn, env.device, eval_metrics, cfg,
+                                     when=when)
         logger.log(step, report.scalars(), advance=False)
         return report
 

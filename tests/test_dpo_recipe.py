@@ -143,3 +143,14 @@ def test_reference_free_loss_trains(tiny_llama_dir, pref_data, tmp_path):
                                   loss_args={"beta": 2.0, "gamma": 0.5}))
     assert result["held_out_after"]["reward_acc"] > result["held_out_before"]["reward_acc"]
     assert result["held_out_after"]["ref_logp_chosen"] == 0.0  # no reference pass was made
+
+
+def test_held_out_answers_are_scored_against_the_chosen_ones(tiny_llama_dir, pref_data, tmp_path):
+    cfg = make_cfg(tiny_llama_dir, pref_data, tmp_path / "run", max_steps=1, sample_max_new_tokens=4,
+                   eval_examples=3, show_samples=1, eval_metric=["exact_match"])
+    before, after = recipe.main(cfg)["held_out"]
+    val = [yaml.safe_load(line) for line in pref_data["val"].read_text().splitlines()[:3]]
+    assert [s["reference"] for s in after.samples] == [r["chosen"] for r in val]
+    assert [s["prompt"] for s in after.samples] == [r["prompt"] for r in val]
+    assert after.scores["exact_match"] == sum(s["answer"].strip() == s["reference"] for s in after.samples) / 3
+    assert {"reward_acc", "margin", "exact_match"} <= set(before.scores) and "reward_acc" in after.percent

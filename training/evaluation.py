@@ -21,6 +21,7 @@ import torch
 from tunesmith.training.batching import BatchStream
 from tunesmith.training.eval_metrics import Metric, score
 from tunesmith.training.losses import IGNORE_INDEX
+from tunesmith.training.options import RunOptions
 
 REPORT_FILE = "held_out_report.json"
 
@@ -86,9 +87,8 @@ def record_fields(dataset: Any, n: int) -> dict[str, list]:
 
 
 def answer_held_out(model: torch.nn.Module, tokenizer: Any, dataset: Any, metrics: dict[str, Metric],
-                    report: HeldOutReport, *, examples: int, max_new_tokens: int, batch_size: int,
-                    show_samples: int) -> None:
-    """Answer the first ``examples`` held-out prompts greedily, score them, print a few; fill ``report``.
+                    report: HeldOutReport, run: RunOptions) -> None:
+    """Answer held-out prompts greedily, score them, print a few; fill ``report``.
 
     Args:
         model: The model (mode restored after).
@@ -96,19 +96,18 @@ def answer_held_out(model: torch.nn.Module, tokenizer: Any, dataset: Any, metric
         dataset: Held-out set with ``prompt_messages(i)``, ``reference(i)`` and ``records``.
         metrics: ``{name: fn}`` from ``load_eval_metrics``.
         report: Gets the metric means and the samples.
-        examples: How many examples to answer (0: all).
-        max_new_tokens: Longest answer.
-        batch_size: Prompts decoded together.
-        show_samples: How many of them to print.
+        run: The recipe's options: ``eval_examples`` answered (0: all), ``sample_max_new_tokens``
+            at most each, ``batch_size`` prompts decoded together, ``show_samples`` printed.
     """
     from tunesmith.models.generation import generate_batch
 
-    n = len(dataset) if examples <= 0 else min(examples, len(dataset))
+    n = len(dataset) if run.eval_examples <= 0 else min(run.eval_examples, len(dataset))
+    batch_size = max(1, run.batch_size)
     messages = [dataset.prompt_messages(i) for i in range(n)]
     prompt_ids = [tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in messages]
     answers: list[str] = []
-    for start in range(0, n, max(1, batch_size)):
-        new = generate_batch(model, prompt_ids[start:start + batch_size], max_new_tokens=max_new_tokens,
+    for start in range(0, n, batch_size):
+        new = generate_batch(model, prompt_ids[start:start + batch_size], max_new_tokens=run.sample_max_new_tokens,
                              stop_ids=tokenizer.stop_ids)
         answers += [tokenizer.decode(ids) for ids in new]
     prompts = [m[-1]["content"] for m in messages]
@@ -124,36 +123,30 @@ def answer_held_out(model: torch.nn.Module, tokenizer: Any, dataset: Any, metric
     if metrics:
         means = ", ".join(f"{name} {report.show(name)}" for name in metrics)
         print(f"held-out answers ({report.when} training, {n} examples, greedy): {means}", flush=True)
-    for i, sample in enumerate(report.samples[:show_samples]):
+    for i, sample in enumerate(report.samples[:run.show_samples]):
         marks = ", ".join(f"{name} {sample[name]:.3g}" for name in metrics)
         print(f"  sample {i + 1}: {sample['prompt']!r}\n    reference: {sample['reference']!r}\n"
               f"    answer ({report.when}): {sample['answer']!r}" + (f"  [{marks}]" if marks else ""), flush=True)
 
 
 def held_out_report(model: torch.nn.Module, tokenizer: Any, batches: BatchStream, dataset: Any, loss_fn: Any,
-                    device: torch.device, *, when: str, metrics: dict[str, Metric], max_batches: int = 0,
-                    examples: int = 30, max_new_tokens: int = 48, batch_size: int = 8,
-                    show_samples: int = 3) -> HeldOutReport:
+                    device: torch.device, metrics: dict[str, Metric], run: RunOptions, *, when: str) -> HeldOutReport:
     """Print the held-out loss, the eval metrics over greedy answers and a few samples.
 
     Args:
-        when: ``before`` or ``after``, for the printout.
         metrics: ``{name: fn}`` (``load_eval_metrics(cfg.eval_metric)``); empty: loss and samples only.
-        max_batches: Loss over at most this many held-out batches (0: all).
-        examples: Held-out examples answered and scored (0: all).
-        max_new_tokens: Longest answer; 0 answers nothing (no metric, no samples).
-        batch_size: Prompts decoded together.
-        show_samples: Answers printed.
+        run: The recipe's options: the loss covers ``eval_batches`` batches (0: all); answers as in
+            ``answer_held_out``, none when ``sample_max_new_tokens`` is 0.
+        when: ``before`` or ``after``, for the printout.
 
     Returns:
         The report: ``scores["loss"]`` and each metric's mean, and every answer.
     """
-    loss = evaluate_loss(model, batches, loss_fn, device, max_batches=max_batches)
+    loss = evaluate_loss(model, batches, loss_fn, device, max_batches=run.eval_batches)
     print(f"held-out loss: {loss:.4f} ({when} training)", flush=True)
     report = HeldOutReport(when, scores={"loss": loss})
-    if max_new_tokens > 0:
-        answer_held_out(model, tokenizer, dataset, metrics, report, examples=examples, max_new_tokens=max_new_tokens,
-                        batch_size=batch_size, show_samples=show_samples)
+    if run.sample_max_new_tokens > 0:
+        answer_held_out(model, tokenizer, dataset, metrics, report, run)
     return report
 
 

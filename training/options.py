@@ -87,8 +87,8 @@ class MLflowOptions:
 
 
 @dataclass
-class RunOptions:
-    """Options every recipe shares, declared once: a recipe's ``Config`` subclasses this and adds its own.
+class ModelOptions:
+    """Which model, on what, and where its outputs go: what every recipe (training or not) needs.
 
     Attributes:
         model: Base model: a local HF folder, a Hub repo id, a ``.gguf`` file, or
@@ -99,6 +99,22 @@ class RunOptions:
         output_dir: Checkpoints, metric logs and final outputs go here.
         device: ``auto``, ``cpu``, ``cuda``.
         dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
+    """
+
+    model: str = MISSING
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    output_dir: str = "output/run"
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass
+class RunOptions(ModelOptions):
+    """Options every training recipe shares, declared once: a recipe's ``Config`` subclasses this and
+    adds its own. The model's come first (``ModelOptions``); then these.
+
+    Attributes:
         seed: Seeds initialisation, dropout and data order.
         batch_size: Examples per micro-batch.
         grad_accum_steps: Micro-batches per optimizer step.
@@ -138,12 +154,6 @@ class RunOptions:
         mlflow: MLflow tracking URI/experiment (see ``MLflowOptions``).
     """
 
-    model: str = MISSING
-    tokenizer: str | None = None
-    chat_template: str | None = None
-    output_dir: str = "output/run"
-    device: str = "auto"
-    dtype: str = "auto"
     seed: int = 0
     batch_size: int = 4
     grad_accum_steps: int = 1
