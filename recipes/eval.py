@@ -130,9 +130,14 @@ def run_tasks(lm: Any, cfg: Config, tasks: list[str], task_manager: Any, label: 
     import lm_eval
 
     limit = None if cfg.limit is None else (int(cfg.limit) if cfg.limit >= 1 else cfg.limit)
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=limit,
-                                  task_manager=task_manager, apply_chat_template=cfg.apply_chat_template,
-                                  log_samples=cfg.log_samples)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=limit,
+                                      task_manager=task_manager, apply_chat_template=cfg.apply_chat_template,
+                                      log_samples=cfg.log_samples)
+    except ConnectionError as e:  # the task's data lives on the Hub and the Hub is out of reach
+        raise ConfigError(f"{e}: lm-eval downloads the tasks' data from the Hugging Face Hub. Check the connection "
+                          "(HF_TOKEN for gated datasets), or evaluate on local files: include_path=DIR of task YAMLs "
+                          "with dataset_path: json") from None
     if cfg.log_samples:
         lines = [json.dumps({"task": task, **sample}, default=str) + "\n"
                  for task, samples in out["samples"].items() for sample in samples]

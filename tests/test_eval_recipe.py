@@ -175,3 +175,16 @@ def test_a_training_configs_typo_is_still_an_error(tiny_llama_dir, tmp_path, cap
     config.write_text(config.read_text() + "limt: 100\n")
     assert cli.main(["eval", "--config", str(config), "tasks=[tiny_mc]"]) == 2
     assert "unknown config key 'limt'" in capsys.readouterr().err
+
+
+def test_unreachable_hub_exits_2_pointing_to_local_tasks(tasks_dir, tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    import lm_eval
+
+    def offline(**_):
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    config = training_yaml(tmp_path / "run.yaml", tiny_llama_dir, tmp_path / "out")
+    assert cli.main(["eval", "--config", str(config), "tasks=[tiny_mc]", f"include_path={tasks_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "Couldn't reach 'allenai/ai2_arc'" in err and "include_path=DIR" in err
