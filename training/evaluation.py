@@ -1,12 +1,15 @@
 """Held-out evaluation: the loss, and what users care about: greedy answers scored by a metric.
 
-    before = held_out_report(model, ..., when="before")    # loss, metric means, a few samples printed
+    metrics = load_eval_metrics(cfg.eval_metric)
+    before = held_out_report(model, ..., metrics, cfg, when="before")   # loss, metric means, a few samples
     ... train ...
-    after = held_out_report(model, ..., when="after")
-    write_held_out_report(output_dir, before, after)        # before → after table + held_out_report.json
+    after = held_out_report(model, ..., metrics, cfg, when="after")
+    write_held_out_report(output_dir, before, after)       # before → after table + held_out_report.json
 
 The answers come from ``generate_batch`` (greedy, KV cache, ``batch_size`` prompts at a time) and
-are scored by the ``eval_metric`` functions (see training/eval_metrics.py for their contract).
+are scored by the ``eval_metric`` functions (see training/eval_metrics.py for their contract). A
+recipe whose held-out numbers are not a loss (DPO) builds its own ``HeldOutReport`` and calls
+``answer_held_out``.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class HeldOutReport:
         return {f"val/{name}": value for name, value in self.scores.items()}
 
     def show(self, name: str) -> str:
+        """One score as printed: a percentage for shares, four decimals otherwise."""
         value = self.scores[name]
         return f"{100 * value:.1f}%" if name in self.percent else f"{value:.4f}"
 

@@ -65,6 +65,9 @@ def open_backends(names: list[str], output_dir: Path, config: dict[str, Any], wa
         wandb: ``WandbOptions`` (project, entity).
         mlflow: ``MLflowOptions`` (tracking_uri, experiment).
     """
+    for name in names:  # every optional package first: a missing one must not leave another's run half open
+        if name != "tensorboard":
+            require(name, name)
     backends: list[Backend] = []
     for name in names:
         if name == "tensorboard":
