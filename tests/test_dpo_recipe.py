@@ -152,5 +152,5 @@ def test_held_out_answers_are_scored_against_the_chosen_ones(tiny_llama_dir, pre
     val = [yaml.safe_load(line) for line in pref_data["val"].read_text().splitlines()[:3]]
     assert [s["reference"] for s in after.samples] == [r["chosen"] for r in val]
     assert [s["prompt"] for s in after.samples] == [r["prompt"] for r in val]
-    assert after.scores["exact_match"] == sum(s["answer"].strip() == s["reference"] for s in after.samples) / 3
+    assert after.scores["exact_match"] == sum(s["completion"].strip() == s["reference"] for s in after.samples) / 3
     assert {"reward_acc", "margin", "exact_match"} <= set(before.scores) and "reward_acc" in after.percent

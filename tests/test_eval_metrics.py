@@ -18,7 +18,7 @@ from tunesmith.training.eval_metrics import (
     load_eval_metrics,
 )
 
-REFERENCE = ['{"name": "Mei", "age": 74, "city": "Porto"}'] * 5
+TARGET = ['{"name": "Mei", "age": 74, "city": "Porto"}'] * 4 + [{"name": "Mei", "age": 74, "city": "Porto"}]
 ANSWERS = [
     '{"name": "Mei", "age": 74, "city": "Porto"}',  # all right
     '{\n  "name": "Mei",\n  "age": 74,\n  "city": "Gaulice"\n}',  # valid, 2 of 3 fields
@@ -31,17 +31,18 @@ ANSWERS = [
 def test_json_metrics_against_hand_computed_scores():
     prompts = ["p"] * 5
     assert json_valid(prompts, ANSWERS) == [1, 1, 1, 0, 0]
-    assert json_fields(prompts, ANSWERS, reference=REFERENCE) == pytest.approx([1, 2 / 3, 2 / 3, 0, 0])
-    assert json_all_fields(prompts, ANSWERS, reference=REFERENCE) == [1, 0, 0, 0, 0]
+    assert json_fields(prompts, ANSWERS, answer=TARGET) == pytest.approx([1, 2 / 3, 2 / 3, 0, 0])  # target: text or dict
+    assert json_all_fields(prompts, ANSWERS, answer=TARGET) == [1, 0, 0, 0, 0]
 
 
-def test_exact_match_ignores_only_surrounding_whitespace():
-    assert exact_match(["p"] * 3, [" Porto\n", "porto", "Porto."], reference=["Porto"] * 3) == [1, 0, 0]
+def test_exact_match_ignores_case_outer_spaces_and_a_final_full_stop():
+    answers = [" Porto\n", "porto", "Porto.", "Porto!", "Oporto"]
+    assert exact_match(["p"] * 5, answers, answer=["Porto"] * 5) == [1, 1, 1, 0, 0]
 
 
 def test_json_metric_on_non_json_references_is_a_config_error():
-    with pytest.raises(ConfigError, match="json_fields needs JSON-object reference answers.*example 1"):
-        json_fields(["p", "p"], ["{}", "{}"], reference=['{"a": 1}', "Porto"])
+    with pytest.raises(ConfigError, match="json_fields needs JSON-object target answers.*example 1"):
+        json_fields(["p", "p"], ["{}", "{}"], answer=['{"a": 1}', "Porto"])
 
 
 def test_metrics_by_name_and_import_path(tmp_path, monkeypatch):
@@ -66,8 +67,8 @@ def test_report_scores_our_greedy_answers_and_passes_record_fields(tiny_llama_di
     (tmp_path / "probe_metrics.py").write_text(textwrap.dedent("""
         CALLS = []
 
-        def words(prompts, completions, reference, instruction, input, output, **_):
-            CALLS.append(dict(prompts=prompts, completions=completions, reference=reference,
+        def words(prompts, completions, answer, instruction, input, output, **_):
+            CALLS.append(dict(prompts=prompts, completions=completions, answer=answer,
                               instruction=instruction, input=input, output=output))
             return [float(len(c.split())) for c in completions]
     """))
@@ -85,7 +86,7 @@ def test_report_scores_our_greedy_answers_and_passes_record_fields(tiny_llama_di
     assert len(probe_metrics.CALLS) == 2  # before and after
     call = probe_metrics.CALLS[1]
     records = [json.loads(line) for line in tiny_data["val"].read_text().splitlines()[:5]]
-    assert call["output"] == call["reference"] == [r["output"] for r in records]
+    assert call["output"] == call["answer"] == [r["output"] for r in records]  # answer: the target
     assert call["input"] == [r["input"] for r in records] and call["instruction"] == [r["instruction"] for r in records]
     assert call["prompts"] == [f"{r['instruction']}\n\n{r['input']}" for r in records]
 
@@ -98,10 +99,11 @@ def test_report_scores_our_greedy_answers_and_passes_record_fields(tiny_llama_di
     tok = base.tokenizer
     for sample, record in zip(after.samples, records):
         prompt = tok.apply_chat_template([{"role": "user", "content": sample["prompt"]}], add_generation_prompt=True)
-        assert sample["answer"] == tok.decode(generate(base.model, prompt, max_new_tokens=6, stop_ids=tok.stop_ids,
-                                                       use_cache=False))
-    assert after.scores["words"] == pytest.approx(sum(len(s["answer"].split()) for s in after.samples) / 5)
-    assert after.scores["exact_match"] == sum(s["answer"].strip() == s["reference"] for s in after.samples) / 5
+        assert sample["completion"] == tok.decode(generate(base.model, prompt, max_new_tokens=6,
+                                                           stop_ids=tok.stop_ids, use_cache=False))
+    assert call["completions"] == [s["completion"] for s in after.samples]
+    assert after.scores["words"] == pytest.approx(sum(len(s["completion"].split()) for s in after.samples) / 5)
+    assert after.scores["exact_match"] == sum(s["completion"].strip() == s["reference"] for s in after.samples) / 5
     assert "words" not in after.percent and "exact_match" in after.percent  # word counts are not shares
 
     saved = json.loads((tmp_path / "run" / "held_out_report.json").read_text())

@@ -1,20 +1,26 @@
 """Metrics for the held-out report: score each greedy answer of the model against its example.
 
-A metric has the contract of a reward function (the one GRPO's rewards use)::
+A metric has the contract of a reward function (GRPO's, training/rewards.py), so one function
+serves both::
 
-    fn(prompts: list[str], completions: list[str], **record_fields: list) -> list[float]
+    fn(prompts: list, completions: list[str], **fields: list) -> list[float]
 
-``prompts[i]`` is example i's prompt (its last user message), ``completions[i]`` the model's
-greedy answer, and ``record_fields`` holds every field of the held-out records as one list per
-field (instruct data: ``instruction``, ``input``, ``output``; chat data: ``messages``; your own
-fields too), plus ``reference``: each example's target answer (its last assistant turn; the
-``chosen`` answer of a preference pair). It returns one score per example; the report prints
-their mean, as a percentage when every score lies in [0, 1]. Take the fields you need by name and
-swallow the rest with ``**_``::
+- ``prompts[i]``: example i's prompt: the user's message (a string) when the prompt is one user
+  turn, else the list of chat messages before the answer.
+- ``completions[i]``: the model's greedy answer (special tokens removed).
+- ``fields``: every field of the held-out records, one list per field (instruct data:
+  ``instruction``, ``input``, ``output``; chat data: ``messages``; your own fields too), plus
+  ``answer`` where the records have none: each example's target answer (its last assistant turn;
+  a preference pair's ``chosen`` answer). Name the fields you need as parameters and take the
+  rest with ``**_``.
+- Returns one score per example; the report prints their mean, as a percentage when every score
+  lies in [0, 1].
+
+For example::
 
     # my_metrics.py
-    def mentions_city(prompts, completions, reference, **_):
-        return [float(json.loads(r)["city"] in c) for c, r in zip(completions, reference)]
+    def mentions_city(prompts, completions, answer, **_):
+        return [float(json.loads(a)["city"] in c) for c, a in zip(completions, answer)]
 
     tune-run lora_single_device --config smollm2_135m eval_metric=[json_valid,my_metrics.mentions_city]
 
@@ -33,9 +39,14 @@ from tunesmith.training.config import ConfigError, import_object
 Metric = Callable[..., Sequence[float]]
 
 
-def exact_match(prompts: list[str], completions: list[str], reference: list[str], **_: Any) -> list[float]:
-    """1 when the answer equals the reference (surrounding whitespace ignored), else 0."""
-    return [float(c.strip() == r.strip()) for c, r in zip(completions, reference)]
+def _normalise(text: str) -> str:
+    """Lower case, surrounding whitespace and one trailing full stop removed."""
+    return text.strip().removesuffix(".").strip().lower()
+
+
+def exact_match(prompts: list, completions: list[str], answer: list, **_: Any) -> list[float]:
+    """1 when the answer is the target (case, outer spaces and a final "." ignored), else 0."""
+    return [float(_normalise(c) == _normalise(str(a))) for c, a in zip(completions, answer)]
 
 
 def _json_object(text: str) -> dict | None:
@@ -47,38 +58,39 @@ def _json_object(text: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _reference_objects(reference: list[str], metric: str) -> list[dict]:
-    """Parse the references; a reference that is not a JSON object means the metric does not fit the data."""
+def _target_objects(answer: list, metric: str) -> list[dict]:
+    """The targets as objects (given as dicts or JSON text); one that is not an object means the
+    metric does not fit the data."""
     parsed = []
-    for i, text in enumerate(reference):
-        obj = _json_object(text)
+    for i, target in enumerate(answer):
+        obj = target if isinstance(target, dict) else _json_object(str(target))
         if obj is None:
-            raise ConfigError(f"eval_metric={metric} needs JSON-object reference answers, but held-out example {i}'s "
-                              f"is {text[:80]!r}; choose another eval_metric (e.g. exact_match)")
+            raise ConfigError(f"eval_metric={metric} needs JSON-object target answers, but held-out example {i}'s "
+                              f"is {str(target)[:80]!r}; choose another eval_metric (e.g. exact_match)")
         parsed.append(obj)
     return parsed
 
 
-def json_valid(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+def json_valid(prompts: list, completions: list[str], **_: Any) -> list[float]:
     """1 when the whole answer parses as one JSON object (what a program reading it needs), else 0."""
     return [float(_json_object(c) is not None) for c in completions]
 
 
-def json_fields(prompts: list[str], completions: list[str], reference: list[str], **_: Any) -> list[float]:
-    """Share of the reference object's fields the answer gets exactly right (same key, equal JSON value).
+def json_fields(prompts: list, completions: list[str], answer: list, **_: Any) -> list[float]:
+    """Share of the target object's fields the answer gets exactly right (same key, equal JSON value).
 
-    An answer that is not a JSON object gets 0; keys the reference does not have are ignored.
+    An answer that is not a JSON object gets 0; keys the target does not have are ignored.
     """
     scores = []
-    for c, ref in zip(completions, _reference_objects(reference, "json_fields")):
+    for c, target in zip(completions, _target_objects(answer, "json_fields")):
         got = _json_object(c) or {}
-        scores.append(sum(k in got and got[k] == v for k, v in ref.items()) / max(1, len(ref)))
+        scores.append(sum(k in got and got[k] == v for k, v in target.items()) / max(1, len(target)))
     return scores
 
 
-def json_all_fields(prompts: list[str], completions: list[str], reference: list[str], **_: Any) -> list[float]:
-    """1 when every field of the reference object is right in the answer (see ``json_fields``), else 0."""
-    return [float(s == 1.0) for s in json_fields(prompts, completions, reference)]
+def json_all_fields(prompts: list, completions: list[str], answer: list, **_: Any) -> list[float]:
+    """1 when every field of the target object is right in the answer (see ``json_fields``), else 0."""
+    return [float(s == 1.0) for s in json_fields(prompts, completions, answer)]
 
 
 BUILT_IN: dict[str, Metric] = {
@@ -111,18 +123,17 @@ def load_eval_metrics(names: str | Sequence[str]) -> dict[str, Metric]:
             continue
         if "." not in name:
             raise ConfigError(f"eval_metric={name!r} is neither a built-in metric ({', '.join(BUILT_IN)}) nor an "
-                              "import path (my_metrics.my_fn: fn(prompts, completions, **record_fields) -> list[float])")
+                              "import path (my_metrics.my_fn: fn(prompts, completions, **fields) -> list[float])")
         fn = import_object(name)
         if not callable(fn):
-            raise ConfigError(f"eval_metric={name!r} is not callable (a metric is fn(prompts, completions, **record_fields))")
+            raise ConfigError(f"eval_metric={name!r} is not callable (a metric is fn(prompts, completions, **fields))")
         metrics[name.rpartition(".")[2]] = fn
     return metrics
 
 
-def score(metric: Metric, name: str, prompts: list[str], completions: list[str],
-          record_fields: dict[str, list]) -> list[float]:
-    """Call one metric and check its answer: one finite number per example."""
-    scores = [float(s) for s in metric(prompts, completions, **record_fields)]
+def score(metric: Metric, name: str, prompts: list, completions: list[str], fields: dict[str, list]) -> list[float]:
+    """Call one metric and check what it returns: one number per example."""
+    scores = [float(s) for s in metric(prompts, completions, **fields)]
     if len(scores) != len(completions):
         raise ValueError(f"eval_metric {name} returned {len(scores)} scores for {len(completions)} answers")
     return scores

@@ -54,6 +54,20 @@ def evaluate_loss(model: torch.nn.Module, batches: BatchStream, loss_fn: Any, de
     return total / max(1, count)
 
 
+def sample_answer(model: torch.nn.Module, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int) -> str:
+    """Greedy answer of the model to a chat prompt (for the before/after report)."""
+    from tunesmith.models.generation import generate
+
+    was_training = model.training
+    model.eval()
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    device = next(model.parameters()).device
+    out = generate(model, torch.tensor(prompt, device=device), max_new_tokens=max_new_tokens,
+                   temperature=0.0, stop_ids=tokenizer.stop_ids)
+    model.train(was_training)
+    return tokenizer.decode(out)
+
+
 @dataclass
 class HeldOutReport:
     """What one held-out evaluation found.
@@ -62,7 +76,8 @@ class HeldOutReport:
         when: ``before`` or ``after`` (training).
         scores: ``loss`` (or the preference metrics) and the mean of every eval metric.
         percent: Names in ``scores`` whose per-example values all lie in [0, 1] (shown as %).
-        samples: ``{"prompt", "reference", "answer", <metric>: score}`` for every answered example.
+        samples: ``{"prompt", "reference", "completion", <metric>: score}`` for every answered example
+            (``reference``: the target ``answer`` the metrics compared with).
     """
 
     when: str
@@ -82,12 +97,19 @@ class HeldOutReport:
 
 def record_fields(dataset: Any, n: int) -> dict[str, list]:
     """The first ``n`` examples' record fields, one list per field (None where a record lacks it),
-    plus ``reference``: each example's target answer."""
+    plus ``answer`` (each example's target answer) when the records have no field of that name."""
     records = dataset.records[:n]
     names = list(dict.fromkeys(k for r in records for k in r))
     fields = {k: [r.get(k) for r in records] for k in names}
-    fields["reference"] = [dataset.reference(i) for i in range(n)]
+    fields.setdefault("answer", [dataset.reference(i) for i in range(n)])
     return fields
+
+
+def metric_prompt(messages: list[dict[str, str]]) -> str | list[dict[str, str]]:
+    """A prompt as metrics get it: the user's text when it is one user turn, else the chat messages."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return messages
 
 
 def answer_held_out(model: torch.nn.Module, tokenizer: Any, dataset: Any, metrics: dict[str, Metric],
@@ -114,14 +136,14 @@ def answer_held_out(model: torch.nn.Module, tokenizer: Any, dataset: Any, metric
         new = generate_batch(model, prompt_ids[start:start + batch_size], max_new_tokens=run.sample_max_new_tokens,
                              stop_ids=tokenizer.stop_ids)
         answers += [tokenizer.decode(ids) for ids in new]
-    prompts = [m[-1]["content"] for m in messages]
+    prompts = [metric_prompt(m) for m in messages]
     fields = record_fields(dataset, n)
     per_example = {name: score(fn, name, prompts, answers, fields) for name, fn in metrics.items()}
     for name, values in per_example.items():
         report.scores[name] = sum(values) / max(1, len(values))
         if all(0.0 <= v <= 1.0 for v in values):
             report.percent.append(name)
-    report.samples = [{"prompt": prompts[i], "reference": fields["reference"][i], "answer": answers[i],
+    report.samples = [{"prompt": prompts[i], "reference": fields["answer"][i], "completion": answers[i],
                        **{name: values[i] for name, values in per_example.items()}} for i in range(n)]
 
     if metrics:
@@ -130,7 +152,7 @@ def answer_held_out(model: torch.nn.Module, tokenizer: Any, dataset: Any, metric
     for i, sample in enumerate(report.samples[:run.show_samples]):
         marks = ", ".join(f"{name} {sample[name]:.3g}" for name in metrics)
         print(f"  sample {i + 1}: {sample['prompt']!r}\n    reference: {sample['reference']!r}\n"
-              f"    answer ({report.when}): {sample['answer']!r}" + (f"  [{marks}]" if marks else ""), flush=True)
+              f"    answer ({report.when}): {sample['completion']!r}" + (f"  [{marks}]" if marks else ""), flush=True)
 
 
 def held_out_report(model: torch.nn.Module, tokenizer: Any, batches: BatchStream, dataset: Any, loss_fn: Any,
