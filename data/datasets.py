@@ -359,6 +359,7 @@ class SFTDataset(Dataset):
         cols = _columns(column_map)
         self.items: list[dict] = []
         self.conversations: list[list[dict]] = []  # the rendered messages, for sample prompts
+        self.records: list[dict] = []  # the raw record of each kept example (fields for eval metrics)
         self.num_truncated = 0  # examples cut at max_seq_len (texts: split into pieces)
         dropped = 0
         mapped_seen = {theirs: False for theirs in (column_map or {}).values()}
@@ -372,6 +373,7 @@ class SFTDataset(Dataset):
                 self.num_truncated += len(pieces) > 1
                 self.items += [{"tokens": p, "labels": shifted_labels(p, [True] * len(p))} for p in pieces]
                 self.conversations += [[] for _ in pieces]
+                self.records += [record for _ in pieces]
                 dropped += not pieces
                 continue
             messages = record_to_messages(record, format, where, column_map)
@@ -388,6 +390,7 @@ class SFTDataset(Dataset):
                 continue
             self.items.append({"tokens": tokens, "labels": labels})
             self.conversations.append(messages)
+            self.records.append(record)
         unseen = [(ours, theirs) for ours, theirs in (column_map or {}).items() if not mapped_seen[theirs]]
         if unseen and records:
             ours, theirs = unseen[0]
@@ -424,3 +427,7 @@ class SFTDataset(Dataset):
         messages = self.conversations[i]
         last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
         return messages[:last]
+
+    def reference(self, i: int) -> str:
+        """Example ``i``'s target answer: its last assistant turn (what eval metrics compare against)."""
+        return [m for m in self.conversations[i] if m["role"] == "assistant"][-1]["content"]

@@ -171,6 +171,8 @@ class PreferenceDataset(Dataset):
         locations = getattr(records, "locations", None) or [f"{source_name} record {i}" for i in range(len(records))]
         self.items: list[dict] = []
         self.prompts: list[Messages] = []
+        self.chosen: list[str] = []  # the preferred answer of each kept pair (the eval metrics' reference)
+        self.records: list[dict] = []  # the raw record of each kept pair (fields for eval metrics)
         self.num_truncated = 0
         beyond, identical = 0, 0
         for record, where in zip(records, locations):
@@ -193,6 +195,8 @@ class PreferenceDataset(Dataset):
             item["index"] = len(self.items)
             self.items.append(item)
             self.prompts.append(prompt)
+            self.chosen.append(chosen)
+            self.records.append(record)
         self.num_dropped = beyond + identical
         if self.num_dropped:
             reasons = []
@@ -215,6 +219,10 @@ class PreferenceDataset(Dataset):
     def prompt_messages(self, i: int) -> Messages:
         """Pair ``i``'s prompt (for a sample answer)."""
         return self.prompts[i]
+
+    def reference(self, i: int) -> str:
+        """Pair ``i``'s chosen answer (what eval metrics compare against)."""
+        return self.chosen[i]
 
 
 def preference_collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -261,24 +261,24 @@ class Gemma(CausalLM):
                 stays within a document. ``None`` means one document per row.
         """
         b, s = tokens.shape
-        cache_len = self.kv_cache_length()
-        if positions is None:
-            positions = torch.arange(cache_len, cache_len + s, device=tokens.device).expand(b, s)
-        if document_ids is not None and cache_len > 0:
+        kv_pos, default_positions, real = self.cache_slots(b, s, tokens.device)
+        positions = default_positions if positions is None else positions
+        if document_ids is not None and kv_pos.shape[1] > s:
             raise ValueError("document_ids (packing) cannot be combined with a KV cache; clear_kv_cache() first")
 
         # Two masks: global layers are plain causal (None → SDPA's causal fast path when nothing else
         # restricts attention); local layers also drop keys more than sliding_window - 1 positions back.
         # The window counts slots in the row (= position distance inside one packed document).
-        kv_pos = torch.arange(cache_len + s, device=tokens.device).expand(b, -1)
+        # Pads and real tokens of a left-padded row (batched generation) never see each other.
         q_pos = kv_pos[:, -s:]
+        q_doc, kv_doc = (document_ids, document_ids) if real is None else (real[:, -s:], real)
         global_mask = None
-        if document_ids is not None or cache_len > 0:
-            global_mask = attention_mask(q_pos, kv_pos, document_ids, document_ids)
+        if document_ids is not None or kv_pos.shape[1] > s or real is not None:
+            global_mask = attention_mask(q_pos, kv_pos, q_doc, kv_doc)
         local_mask = global_mask
         window = self.config.sliding_window
-        if window is not None and cache_len + s > window:
-            local_mask = attention_mask(q_pos, kv_pos, document_ids, document_ids, sliding_window=window)
+        if window is not None and kv_pos.shape[1] > window:
+            local_mask = attention_mask(q_pos, kv_pos, q_doc, kv_doc, sliding_window=window)
 
         x = self.tok_embeddings(tokens)
         # √d rounded to the model dtype before the multiply, as the reference implementation does.

@@ -1,17 +1,23 @@
-"""Text generation: greedy or temperature + nucleus (top-p) sampling, one or many completions.
+"""Text generation: greedy or temperature + nucleus (top-p) sampling, one prompt or a batch.
 
-    prompt ─► prefill (all prompt tokens at once) ─► sample ─► feed that one token ─► sample ─► …
+    prompt(s) ─► prefill (all prompt tokens at once) ─► sample ─► feed that one token ─► sample ─► …
 
-``generate`` continues one prompt once; ``sample_completions`` draws n completions of one prompt
-together (GRPO's group): the prompt is prefilled once, its cache copied to n rows, and the n rows
-decode as one batch, each stopping on its own.
+``generate_batch`` continues several prompts at once: they are left-padded into one batch that
+shares a KV cache, and the model masks the pad slots out (see ``CausalLM.setup_kv_cache``), so
+every row gets what it would get alone. ``generate`` is one prompt of it. ``sample_completions``
+draws n completions of ONE prompt (GRPO's group): the prompt is prefilled once, its cache copied
+to n rows. All three decode with the same loop (``_decode``): each row stops on its own (a stop
+token, or ``stop_when``), and rows that finished keep being fed until every row is done.
 
-With ``use_cache=True`` the model keeps keys/values of earlier positions in a KV cache, so each
-new token costs one position. With ``use_cache=False`` every step re-runs the whole sequence; it
-is slow, but it is the plain definition, which the tests use to check the cached path.
+With ``use_cache=False`` (``generate``) every step re-runs the whole sequence; it is slow, but it
+is the plain definition, which the tests use to check the cached path.
+
+Processes that generate in lockstep (FSDP: every rank runs every forward of the sharded model)
+pass ``agree``, which gives every rank rank 0's tokens.
 
 Works with any model that has ``hidden_states(tokens)``, ``logits(h)``, ``setup_kv_cache(batch,
-max_len)`` and ``clear_kv_cache()`` (``tunesmith.models.llama.Llama`` and the families built on it).
+max_len, left_padding)`` and ``clear_kv_cache()`` (``tunesmith.models.llama.Llama`` and the
+families built on it).
 """
 
 from __future__ import annotations
@@ -64,10 +70,17 @@ def sample_next(
 
 
 def _last_logits(model: nn.Module, tokens: Tensor) -> Tensor:
-    """Logits [v] of the last position only: projecting every prompt position would waste a
-    [s, v] matrix (v is 49k–128k for real vocabularies)."""
-    h = model.hidden_states(tokens)  # [1, s, d]
-    return model.logits(h[0, -1])
+    """Logits [b, v] of each row's last position only: projecting every prompt position would waste
+    a [b, s, v] tensor (v is 49k–128k for real vocabularies)."""
+    h = model.hidden_states(tokens)  # [b, s, d]
+    return model.logits(h[:, -1])
+
+
+def _token_list(prompt: Sequence[int] | Tensor) -> list[int]:
+    ids = prompt.tolist() if isinstance(prompt, Tensor) else [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("generate() needs a non-empty prompt (at least a BOS token)")
+    return ids
 
 
 def _repeat_kv_cache(model: nn.Module, rows: int) -> None:
@@ -80,42 +93,48 @@ def _repeat_kv_cache(model: nn.Module, rows: int) -> None:
         cache.k, cache.v = cache.k.repeat(rows, 1, 1, 1), cache.v.repeat(rows, 1, 1, 1)  # [rows, kvh, max_len, hd]
 
 
+Agree = Callable[[Tensor], Tensor]
+
+
 def _decode(
     model: nn.Module,
-    prompt_ids: list[int],
-    rows: int,
+    logits: Tensor,
     max_new_tokens: int,
     temperature: float,
     top_p: float,
     stop: set[int],
     generator: torch.Generator | None,
+    stop_when: Callable[[list[int]], bool] | None = None,
+    agree: Agree | None = None,
 ) -> list[list[int]]:
-    """``rows`` continuations of one prompt with the KV cache; each row's list ends with its stop token, if any.
+    """Decode from a prefilled KV cache: ``logits`` [b, v] are every row's next-token scores.
 
-    Rows that stopped keep decoding (what they draw is discarded) until every row stopped or
+    One ``[b, v]`` draw per position (so a run that restores the RNG reproduces its samples). A row
+    ends at a stop token, which its list keeps as the last element, or when ``stop_when`` says so;
+    finished rows keep being fed (what they draw is dropped) until every row is done or
     ``max_new_tokens`` is reached, so all rows advance together as one batch.
     """
-    device = next(model.parameters()).device
-    out: list[list[int]] = [[] for _ in range(rows)]
-    if max_new_tokens == 0:
-        return out
-    model.setup_kv_cache(1, len(prompt_ids) + max_new_tokens)
-    logits = _last_logits(model, torch.tensor([prompt_ids], device=device))  # prefill once: [v]
-    if rows > 1:
-        _repeat_kv_cache(model, rows)
-    logits = logits.expand(rows, -1)  # [rows, v]
-    done = torch.zeros(rows, dtype=torch.bool)
-    stop_ids = torch.tensor(sorted(stop), dtype=torch.long)
+    device = logits.device
+    out: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    done = [False] * len(out)
     for position in range(max_new_tokens):
-        tokens = sample_next(logits, temperature, top_p, generator).cpu()  # [rows]
-        for i in (~done).nonzero()[:, 0].tolist():
-            out[i].append(int(tokens[i]))
-        done |= torch.isin(tokens, stop_ids)
-        if bool(done.all()) or position == max_new_tokens - 1:
+        picked = sample_next(logits, temperature, top_p, generator)  # [b]
+        if agree is not None:
+            picked = agree(picked)
+        for i, token in enumerate(picked.tolist()):
+            if done[i]:
+                continue
+            out[i].append(token)
+            done[i] = token in stop or (stop_when is not None and stop_when(out[i]))
+        if all(done) or position == max_new_tokens - 1:
             break
-        h = model.hidden_states(tokens.to(device)[:, None])  # [rows, 1, d]: the cache holds the rest
-        logits = model.logits(h[:, -1])  # [rows, v]
+        h = model.hidden_states(picked.to(device)[:, None])  # [b, 1, d]: the cache holds the rest
+        logits = model.logits(h[:, -1])  # [b, v]
     return out
+
+
+def _without_stop(tokens: list[int], stop: set[int]) -> list[int]:
+    return tokens[:-1] if tokens and tokens[-1] in stop else tokens
 
 
 def sample_completions(
@@ -151,16 +170,21 @@ def sample_completions(
         element (so it can be scored; ``tokenizer.decode`` drops it), a list without one was cut at
         ``max_new_tokens``.
     """
-    prompt_ids = prompt.tolist() if isinstance(prompt, Tensor) else [int(t) for t in prompt]
-    if not prompt_ids:
-        raise ValueError("sample_completions() needs a non-empty prompt (at least a BOS token)")
+    prompt_ids = _token_list(prompt)
     if num_samples < 1 or max_new_tokens < 0:
         raise ValueError(f"need num_samples >= 1 and max_new_tokens >= 0, got {num_samples} and {max_new_tokens}")
+    if max_new_tokens == 0:
+        return [[] for _ in range(num_samples)]
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # no dropout (e.g. LoRA dropout) while generating
     try:
         with torch.inference_mode():
-            return _decode(model, prompt_ids, num_samples, max_new_tokens, temperature, top_p,
+            model.setup_kv_cache(1, len(prompt_ids) + max_new_tokens)
+            logits = _last_logits(model, torch.tensor([prompt_ids], device=device))  # prefill once: [1, v]
+            if num_samples > 1:
+                _repeat_kv_cache(model, num_samples)
+            return _decode(model, logits.expand(num_samples, -1), max_new_tokens, temperature, top_p,
                            set(int(t) for t in stop_ids), generator)
     finally:
         model.clear_kv_cache()
@@ -177,7 +201,7 @@ def generate(
     stop_ids: Iterable[int] = (),
     generator: torch.Generator | None = None,
     use_cache: bool = True,
-    agree: Callable[[int], int] | None = None,
+    agree: Agree | None = None,
 ) -> list[int]:
     """Continue one prompt and return only the new tokens.
 
@@ -190,40 +214,91 @@ def generate(
         stop_ids: Generation ends when one of these is produced; the stop token is not returned.
         generator: Random generator for reproducible sampling.
         use_cache: Decode with a KV cache (fast) or by re-running the full sequence each step.
-        agree: Maps each picked token to the one to continue with; processes that generate in
-            lockstep (FSDP: every rank runs every forward) pass rank 0's token to all of them.
+        agree: Maps each step's picked tokens [1] to the ones to continue with (lockstep ranks:
+            rank 0's).
 
     Returns:
         The generated token ids (without the prompt and without the stop token).
     """
-    prompt_ids = prompt.tolist() if isinstance(prompt, Tensor) else [int(t) for t in prompt]
-    if not prompt_ids:
-        raise ValueError("generate() needs a non-empty prompt (at least a BOS token)")
+    if use_cache:
+        return generate_batch(model, [prompt], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              stop_ids=stop_ids, generator=generator, agree=agree)[0]
+    prompt_ids = _token_list(prompt)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     stop = set(int(t) for t in stop_ids)
     device = next(model.parameters()).device
-
     was_training = model.training
     model.eval()  # no dropout (e.g. LoRA dropout) while generating
     new_tokens: list[int] = []
     try:
         with torch.inference_mode():
-            if use_cache:
-                new_tokens = _decode(model, prompt_ids, 1, max_new_tokens, temperature, top_p, stop, generator)[0]
-                if new_tokens and new_tokens[-1] in stop:
-                    new_tokens.pop()
-                return new_tokens
             for _ in range(max_new_tokens):
-                logits = _last_logits(model, torch.tensor([prompt_ids + new_tokens], device=device))
-                token = int(sample_next(logits, temperature, top_p, generator))
-                if agree is not None:
-                    token = agree(token)
+                logits = _last_logits(model, torch.tensor([prompt_ids + new_tokens], device=device))  # [1, v]
+                picked = sample_next(logits, temperature, top_p, generator)
+                token = int((agree(picked) if agree is not None else picked)[0])
                 if token in stop:
                     break
                 new_tokens.append(token)
     finally:
-        if use_cache:
-            model.clear_kv_cache()
         model.train(was_training)
     return new_tokens
+
+
+def generate_batch(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int] | Tensor],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_ids: Iterable[int] = (),
+    generator: torch.Generator | None = None,
+    stop_when: Callable[[list[int]], bool] | None = None,
+    agree: Agree | None = None,
+) -> list[list[int]]:
+    """Continue several prompts at once with one KV cache; return each row's new tokens.
+
+    The prompts are left-padded to the longest, so every row's next token comes from the same last
+    column; ``setup_kv_cache(left_padding=...)`` masks the pads out and restarts each row's
+    positions at its first real token.
+
+    Args:
+        model: A causal LM (see module docstring).
+        prompts: Token ids of each prompt (lists or 1-d tensors), none empty.
+        max_new_tokens: Most tokens to generate per row.
+        temperature: 0 for greedy decoding, > 0 to sample (see ``sample_next``).
+        top_p: Nucleus mass for sampling; ignored when greedy.
+        stop_ids: A row ends when it produces one of these (not returned).
+        generator: Random generator for reproducible sampling (rows draw in order).
+        stop_when: Called with a row's new tokens after each of its steps; ``True`` ends the row
+            (e.g. a stop string appeared in the decoded text). The tokens so far are kept.
+        agree: Maps each step's picked tokens [b] to the ones every row continues with
+            (lockstep ranks under FSDP: rank 0's).
+
+    Returns:
+        One list of generated ids per prompt, in the prompts' order.
+    """
+    rows = [_token_list(p) for p in prompts]
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not rows or max_new_tokens == 0:
+        return [[] for _ in rows]
+    stop = set(int(t) for t in stop_ids)
+    device = next(model.parameters()).device
+    longest = max(len(r) for r in rows)
+    padding = [longest - len(r) for r in rows]
+    tokens = torch.tensor([[0] * pad + r for pad, r in zip(padding, rows)], device=device)  # [b, longest]
+    left_padding = torch.tensor(padding, device=device) if any(padding) else None
+
+    was_training = model.training
+    model.eval()  # no dropout (e.g. LoRA dropout) while generating
+    try:
+        with torch.inference_mode():
+            model.setup_kv_cache(len(rows), longest + max_new_tokens, left_padding=left_padding)
+            logits = _last_logits(model, tokens)  # prefill: the whole prompts in one forward, filling the cache
+            out = _decode(model, logits, max_new_tokens, temperature, top_p, stop, generator, stop_when, agree)
+    finally:
+        model.clear_kv_cache()
+        model.train(was_training)
+    return [_without_stop(row, stop) for row in out]

@@ -286,19 +286,25 @@ def _attend(
 
 
 class KVCache(nn.Module):
-    """Keys and values of earlier positions, so decoding a token costs one position, not all."""
+    """Keys and values of earlier positions, so decoding a token costs one position, not all.
 
-    def __init__(
-        self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device
-    ) -> None:
+    The buffers are allocated on the first ``update``, in the dtype and on the device of the keys
+    it gets: under FSDP mixed precision (or CPU offload) those are the compute dtype and device,
+    not the stored weights'.
+    """
+
+    def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
-        shape = (batch, num_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
         self.length = 0  # positions [0, length) hold valid entries
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append k, v [b, kvh, s, hd]; return all keys/values so far, [b, kvh, length, hd]."""
+        if self.k is None:
+            self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
         end = self.length + k.shape[2]
         if end > self.k.shape[2]:
             raise RuntimeError(f"KV cache full: {end} positions > max_len {self.k.shape[2]}")
@@ -426,21 +432,47 @@ class CausalLM(nn.Module):
             layer.attn.use_sdpa = implementation == "sdpa"
 
     # -- KV cache for generation ------------------------------------------------------------------
-    def setup_kv_cache(self, batch: int, max_len: int | None = None) -> None:
-        """Give every attention layer an empty cache of ``max_len`` positions."""
+    kv_left_padding: Tensor | None = None  # [b] pad slots before each row's prompt (batched generation)
+
+    def setup_kv_cache(self, batch: int, max_len: int | None = None, left_padding: Tensor | None = None) -> None:
+        """Give every attention layer an empty cache of ``max_len`` positions.
+
+        Args:
+            batch: Rows decoded together.
+            max_len: Cache length (prompt + new tokens); defaults to ``config.max_seq_len``.
+            left_padding: [batch] number of pad tokens in front of each row's prompt, when prompts of
+                different lengths share one batch. Pad slots are masked out for the real tokens, and
+                each row's positions start at 0 on its first real token, so a padded row computes
+                what it would alone.
+        """
         max_len = max_len or self.config.max_seq_len
-        p = self.tok_embeddings.weight
         for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch, max_len, self.config.num_kv_heads, self.config.head_dim, p.dtype, p.device)
+            layer.attn.kv_cache = KVCache(batch, max_len, self.config.num_kv_heads, self.config.head_dim)
+        self.kv_left_padding = left_padding
 
     def clear_kv_cache(self) -> None:
         """Drop the caches (back to training-style full-sequence forward)."""
         for layer in self.layers:
             layer.attn.kv_cache = None
+        self.kv_left_padding = None
 
     def kv_cache_length(self) -> int:
         cache = self.layers[0].attn.kv_cache if len(self.layers) else None
         return cache.length if cache is not None else 0
+
+    def cache_slots(self, b: int, s: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Where ``s`` new tokens sit relative to the KV cache, for the attention mask and RoPE.
+
+        Returns:
+            ``(kv_slot, positions, real)``: the slot of every key, cached and new [b, t]
+            (t = cache length + s); the default position of each new token [b, s] (its slot, minus
+            the row's left padding); which keys are real tokens [b, t] (``None`` without padding).
+        """
+        kv_slot = torch.arange(self.kv_cache_length() + s, device=device).expand(b, -1)
+        if self.kv_left_padding is None:
+            return kv_slot, kv_slot[:, -s:], None
+        pad = self.kv_left_padding.to(device)[:, None]
+        return kv_slot, (kv_slot[:, -s:] - pad).clamp(min=0), kv_slot >= pad
 
 
 class Llama(CausalLM):
@@ -482,20 +514,22 @@ class Llama(CausalLM):
         return rope_cos_sin(self.inv_freq, positions, dtype)
 
     def layer_mask(
-        self, positions: Tensor, document_ids: Tensor | None, cache_len: int, sliding_window: int | None
+        self, kv_slot: Tensor, s: int, document_ids: Tensor | None, real: Tensor | None, sliding_window: int | None
     ) -> Tensor | None:
         """The attention mask of layers with this ``sliding_window`` (``None``: global layers).
 
-        ``None`` when attention is plain causal, which lets SDPA take its causal fast path: no packing,
-        no cache, and keys that all fit in the window. The window counts slots in the row (= position
-        distance inside one packed document).
+        Causal by slot (``kv_slot`` [b, t]: the slot of every key, cached and new; the last ``s`` are
+        the queries); within a document when packed; with left padding (``real`` [b, t]: which slots
+        hold real tokens) pads and real tokens never see each other; within the window when the keys
+        reach past it. The window counts slots in the row (= position distance inside one document).
+        ``None`` when attention is plain causal, which lets SDPA take its causal fast path.
         """
-        b, s = positions.shape
-        window = sliding_window if sliding_window is not None and cache_len + s > sliding_window else None
-        if document_ids is None and cache_len == 0 and window is None:
+        t = kv_slot.shape[1]
+        window = sliding_window if sliding_window is not None and t > sliding_window else None
+        if document_ids is None and t == s and real is None and window is None:
             return None
-        kv_pos = torch.arange(cache_len + s, device=positions.device).expand(b, -1)
-        return attention_mask(positions if cache_len else kv_pos[:, -s:], kv_pos, document_ids, document_ids, window)
+        q_doc, kv_doc = (document_ids, document_ids) if real is None else (real[:, -s:], real)
+        return attention_mask(kv_slot[:, -s:], kv_slot, q_doc, kv_doc, window)
 
     def hidden_states(
         self, tokens: Tensor, *, positions: Tensor | None = None, document_ids: Tensor | None = None
@@ -510,16 +544,15 @@ class Llama(CausalLM):
                 stays within a document. ``None`` means one document per row (plain causal).
         """
         b, s = tokens.shape
-        cache_len = self.kv_cache_length()
-        if positions is None:
-            positions = torch.arange(cache_len, cache_len + s, device=tokens.device).expand(b, s)
+        kv_slot, default_positions, real = self.cache_slots(b, s, tokens.device)
+        positions = default_positions if positions is None else positions
         x = self.tok_embeddings(tokens)
         cos, sin = self.rope(positions, x.dtype)
         masks: dict[int | None, Tensor | None] = {}  # one per sliding window in use (None: global layers)
         for layer in self.layers:
             window = layer.attn.sliding_window
             if window not in masks:
-                masks[window] = self.layer_mask(positions, document_ids, cache_len, window)
+                masks[window] = self.layer_mask(kv_slot, s, document_ids, real, window)
             mask = masks[window]
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)

@@ -37,7 +37,9 @@ from tunesmith.recipes import dpo_single_device
 from tunesmith.training import sharded_checkpoint
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
 from tunesmith.training.config import to_dict, to_yaml
-from tunesmith.training.metrics import MetricLogger, SilentLogger, peak_memory_gib
+from tunesmith.training.eval_metrics import load_eval_metrics
+from tunesmith.training.evaluation import HeldOutReport, write_held_out_report
+from tunesmith.training.metrics import metric_logger, peak_memory_gib
 from tunesmith.training.options import ShardingOptions
 from tunesmith.training.preference import (
     build_reference,
@@ -51,7 +53,7 @@ from tunesmith.training.preference import (
     preference_report,
 )
 from tunesmith.training.preference_losses import build_preference_loss
-from tunesmith.training.process_group import init_distributed, main_rank_prints, seed_everything, teardown
+from tunesmith.training.process_group import init_distributed, seed_everything, teardown
 from tunesmith.training.schedules import warmup_cosine
 from tunesmith.training.setup import build_optimizer, select_dtype, set_attention, to_device
 from tunesmith.training.sharding import clip_grad_norm, frozen_copy, load_for_training, sharding_options
@@ -83,6 +85,7 @@ def main(cfg: Config) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     if env.is_main:
         remove_stale_temp_dirs(output_dir)
+    eval_metrics = load_eval_metrics(cfg.eval_metric)
 
     # FSDP: meta model (+ adapters) → fully_shard → each rank reads only its rows
     shard = sharding_options(cfg, env)
@@ -111,6 +114,7 @@ def main(cfg: Config) -> dict[str, Any]:
                 if cfg.full else resume_latest(output_dir, params, optimizer, scheduler, config=to_dict(cfg), env=env))
     else:
         step = 0
+    logger = metric_logger(cfg, total_steps, start_step=step, main_process=env.is_main)  # FSDP: rank 0 logs
 
     def save(at_step: int, final: bool = False) -> Path:  # FSDP: full weights sharded (DCP), adapters gathered
         common = dict(model=model, optimizer=optimizer, scheduler=scheduler, micro_batches=at_step * cfg.grad_accum_steps,
@@ -122,15 +126,14 @@ def main(cfg: Config) -> dict[str, Any]:
                                        merged_tokenizer_dir=base.tokenizer_dir, save_merged=final and cfg.save_merged,
                                        **common)
 
-    def held_out(when: str) -> dict[str, float]:  # FSDP: each rank evaluates its share; rank 0 reports
-        return preference_report(model, tokenizer, val_batches, val_set, loss_fn, reference, env.device, when=when,
-                                 table=val_table, max_batches=cfg.eval_batches, max_new_tokens=cfg.sample_max_new_tokens,
-                                 env=env)
+    def held_out(when: str) -> HeldOutReport:  # FSDP: each rank evaluates its share; rank 0 reports
+        report = preference_report(model, tokenizer, val_batches, val_set, loss_fn, reference, env.device, eval_metrics,
+                                   cfg, when=when, table=val_table, env=env)
+        logger.log(step, report.scalars(), advance=False)
+        return report
 
     # ---- before ------------------------------------------------------------------------------------
-    before = held_out("before") if step == 0 else {}
-    log_dir = output_dir / "tensorboard" if cfg.tensorboard else None
-    logger = MetricLogger(log_dir, total_steps, start_step=step) if env.is_main else SilentLogger()
+    before = held_out("before") if step == 0 else None
     losses: list[float] = []
     grad_norms: list[float] = []
 
@@ -172,19 +175,18 @@ def main(cfg: Config) -> dict[str, Any]:
             logger.write(f"step {step}: held-out reward accuracy {100 * val['reward_acc']:.1f}%, margin {val['margin']:.3f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             save(step)
-    logger.close()
 
     # ---- after -------------------------------------------------------------------------------------
     after = held_out("after")
     final_dir = save(step, final=True)
-    with main_rank_prints(env):
-        if before:
-            print(f"held-out reward accuracy: {100 * before['reward_acc']:.1f}% before → {100 * after['reward_acc']:.1f}% after")
+    if env.is_main:
+        report_file = write_held_out_report(output_dir, before, after)
+        logger.close(artifacts=[report_file] + ([] if cfg.full else [final_dir / "adapter"]))  # not a full model
         what = "model" if cfg.full else "adapter"
         print(f"{what} checkpoint saved to {final_dir}" + (f"; merged model in {final_dir / 'merged'}" if cfg.save_merged else ""))
     teardown(env)
-    return {"losses": losses, "grad_norms": grad_norms, "held_out_before": before, "held_out_after": after,
-            "checkpoint": final_dir}
+    return {"losses": losses, "grad_norms": grad_norms, "held_out_before": before.scores if before else {},
+            "held_out_after": after.scores, "held_out": (before, after), "checkpoint": final_dir}
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
                                                                   (data.packing: whole pairs per row)
     reference = the same network with adapters disabled (LoRA) | a frozen copy (full)
                 | a table computed once per dataset pass (precompute_reference=true)
-    report held-out reward accuracy (before)
+    report held-out reward accuracy, and eval_metric over greedy answers (before)
     for step in steps:
         for each of grad_accum_steps micro-batches of b pairs:
             chosen + rejected: ONE forward pass over 2b rows → summed response log-probs
@@ -12,7 +12,8 @@
             loss = Σ pair losses / pairs in the step ; loss.backward()
         clip grad norm ; AdamW step ; LR schedule step
         log (loss, reward accuracy, margin, rewards, log-probs, lr, tokens/s) ; eval ; checkpoint
-    report held-out reward accuracy (after) ; final checkpoint (PEFT adapter / merged model)
+    report held-out reward accuracy, eval_metric (after) ; final checkpoint (PEFT adapter / merged model)
+    print the before → after table
 
 The loss is chosen by name or import path (``loss=ipo``, ``loss=my_losses.MyLoss``) with its own
 ``loss_args``; every loss takes the same ``PreferenceLogProbs`` (see training/preference_losses.py).
@@ -32,7 +33,9 @@ from tunesmith.models import apply_lora
 from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
 from tunesmith.training.config import check_keyword_args, to_dict, to_yaml
-from tunesmith.training.metrics import MetricLogger, peak_memory_gib
+from tunesmith.training.eval_metrics import load_eval_metrics
+from tunesmith.training.evaluation import HeldOutReport, write_held_out_report
+from tunesmith.training.metrics import metric_logger, peak_memory_gib
 from tunesmith.training.options import LoRAOptions, RunOptions
 from tunesmith.training.preference import (
     PreferenceDataOptions,
@@ -102,6 +105,7 @@ def main(cfg: Config) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     remove_stale_temp_dirs(output_dir)
+    eval_metrics = load_eval_metrics(cfg.eval_metric)  # before loading anything: a typo fails at once
 
     base = load_model_and_tokenizer(cfg.model, cfg.tokenizer, dtype, device, cfg.chat_template)
     model, tokenizer = base.model, base.tokenizer
@@ -127,6 +131,7 @@ def main(cfg: Config) -> dict[str, Any]:
         collate=val_batches.collate, batch_size=cfg.batch_size, device=device,
         frozen_copy=lambda: copy.deepcopy(model).eval().requires_grad_(False))
     step = resume_latest(output_dir, params, optimizer, scheduler, config=to_dict(cfg)) if cfg.resume else 0
+    logger = metric_logger(cfg, total_steps, start_step=step)
 
     def save(at_step: int, final: bool = False) -> Path:
         common = dict(model=model, optimizer=optimizer, scheduler=scheduler, micro_batches=at_step * cfg.grad_accum_steps,
@@ -136,13 +141,14 @@ def main(cfg: Config) -> dict[str, Any]:
         return save_adapter_checkpoint(output_dir, at_step, lora=cfg.lora, base_model=base.source,
                                        merged_tokenizer_dir=base.tokenizer_dir, **common)
 
-    def held_out(when: str) -> dict[str, float]:
-        return preference_report(model, tokenizer, val_batches, val_set, loss_fn, reference, device, when=when,
-                                 table=val_table, max_batches=cfg.eval_batches, max_new_tokens=cfg.sample_max_new_tokens)
+    def held_out(when: str) -> HeldOutReport:
+        report = preference_report(model, tokenizer, val_batches, val_set, loss_fn, reference, device, eval_metrics, cfg,
+                                   when=when, table=val_table)
+        logger.log(step, report.scalars(), advance=False)
+        return report
 
     # ---- before ------------------------------------------------------------------------------------
-    before = held_out("before") if step == 0 else {}
-    logger = MetricLogger(output_dir / "tensorboard" if cfg.tensorboard else None, total_steps, start_step=step)
+    before = held_out("before") if step == 0 else None
     losses: list[float] = []
     grad_norms: list[float] = []
 
@@ -184,17 +190,16 @@ def main(cfg: Config) -> dict[str, Any]:
             logger.write(f"step {step}: held-out reward accuracy {100 * val['reward_acc']:.1f}%, margin {val['margin']:.3f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             save(step)
-    logger.close()
 
     # ---- after -------------------------------------------------------------------------------------
     after = held_out("after")
-    if before:
-        print(f"held-out reward accuracy: {100 * before['reward_acc']:.1f}% before → {100 * after['reward_acc']:.1f}% after")
     final_dir = save(step, final=True)
+    report_file = write_held_out_report(output_dir, before, after)
+    logger.close(artifacts=[report_file] + ([] if cfg.full else [final_dir / "adapter"]))  # not a full model
     what = "model" if cfg.full else "adapter"
     print(f"{what} checkpoint saved to {final_dir}" + (f"; merged model in {final_dir / 'merged'}" if cfg.save_merged else ""))
-    return {"losses": losses, "grad_norms": grad_norms, "held_out_before": before, "held_out_after": after,
-            "checkpoint": final_dir}
+    return {"losses": losses, "grad_norms": grad_norms, "held_out_before": before.scores if before else {},
+            "held_out_after": after.scores, "held_out": (before, after), "checkpoint": final_dir}
 
 
 if __name__ == "__main__":

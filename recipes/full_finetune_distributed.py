@@ -1,14 +1,14 @@
 """Full fine-tuning (every parameter trains), sharded with FSDP2 from one process to many nodes.
 
     torchrun: join the process group ; load on meta → fully_shard per block + root → read own rows
-    report held-out loss and a sample answer (before)
+    report held-out loss and eval_metric over greedy answers, with a few samples (before)
     for step in steps:
         take grad_accum_steps global micro-batches; count their labelled tokens N; each rank takes its rows
         for each micro-batch:  loss = Σ my token losses / N · W ;  backward (reduce-scatters into my shards)
         clip the global grad norm ; AdamW step on my shards ; LR schedule step
         log (loss, lr, grad norm, tokens/s, memory) ; every eval_every: held-out loss
         every save_every: sharded checkpoint (model, optimizer, schedule, RNG, data position)
-    report held-out loss and a sample answer (after) ; final checkpoint + Hugging Face export
+    report held-out loss and eval_metric (after) ; final checkpoint + Hugging Face export ; before → after table
 
 Launch: ``tune-run full_finetune_distributed --config llama3_1_8b_full --nproc-per-node 8`` (add
 ``--nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT`` for two nodes), or ``torchrun ...
@@ -31,9 +31,10 @@ from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.training import sharded_checkpoint
 from tunesmith.training.checkpointing import remove_stale_temp_dirs
 from tunesmith.training.config import check_keyword_args, to_dict, to_yaml
-from tunesmith.training.evaluation import evaluate_loss, held_out_report
+from tunesmith.training.eval_metrics import load_eval_metrics
+from tunesmith.training.evaluation import HeldOutReport, evaluate_loss, held_out_report, write_held_out_report
 from tunesmith.training.losses import IGNORE_INDEX, loss_class
-from tunesmith.training.metrics import MetricLogger, SilentLogger, peak_memory_gib
+from tunesmith.training.metrics import metric_logger, peak_memory_gib
 from tunesmith.training.options import DataOptions, RunOptions, ShardingOptions
 from tunesmith.training.process_group import init_distributed, rank_slice, seed_everything, sum_over_ranks, teardown
 from tunesmith.training.schedules import warmup_cosine
@@ -89,6 +90,7 @@ def main(cfg: Config) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     if env.is_main:
         remove_stale_temp_dirs(output_dir)  # a save that a dead rank never finished
+    eval_metrics = load_eval_metrics(cfg.eval_metric)  # before loading anything: a typo fails at once
 
     base = load_for_training(cfg.model, cfg.tokenizer, cfg.chat_template, dtype, env, **sharding_options(cfg, env))
     model, tokenizer = base.model, base.tokenizer
@@ -104,6 +106,7 @@ def main(cfg: Config) -> dict[str, Any]:
     loss_fn = loss_class(cfg.loss)(**cfg.loss_args)
     step = (sharded_checkpoint.resume_dcp(output_dir, model, optimizer, scheduler, env, config=to_dict(cfg))[0]
             if cfg.resume else 0)
+    logger = metric_logger(cfg, total_steps, start_step=step, main_process=env.is_main)
 
     def save(at_step: int, final: bool = False) -> Path:
         hf = {"tokenizer_dir": base.tokenizer_dir} if final and cfg.save_hf else None
@@ -112,14 +115,14 @@ def main(cfg: Config) -> dict[str, Any]:
             micro_batches=at_step * cfg.grad_accum_steps, config_yaml=to_yaml(cfg), env=env,
             keep_last=cfg.keep_last, hf_export=hf)
 
-    def held_out(when: str) -> float:  # each rank evaluates its share; rank 0 reports
-        return held_out_report(model, tokenizer, val_batches, val_set, loss_fn, env.device, when=when,
-                               max_batches=cfg.eval_batches, max_new_tokens=cfg.sample_max_new_tokens, env=env)
+    def held_out(when: str) -> HeldOutReport:  # each rank evaluates its share; rank 0 reports
+        report = held_out_report(model, tokenizer, val_batches, val_set, loss_fn, env.device, eval_metrics, cfg,
+                                 when=when, env=env)
+        logger.log(step, report.scalars(), advance=False)
+        return report
 
     # ---- before ------------------------------------------------------------------------------------
-    before = held_out("before") if step == 0 else float("nan")
-    log_dir = output_dir / "tensorboard" if cfg.tensorboard else None
-    logger = MetricLogger(log_dir, total_steps, start_step=step) if env.is_main else SilentLogger()
+    before = held_out("before") if step == 0 else None
     losses: list[float] = []
     grad_norms: list[float] = []  # before clipping: shows a wrong gradient scale that AdamW would hide
 
@@ -155,15 +158,17 @@ def main(cfg: Config) -> dict[str, Any]:
             logger.write(f"step {step}: held-out loss {val_loss:.4f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             save(step)
-    logger.close()
 
     # ---- after -------------------------------------------------------------------------------------
     after = held_out("after")
     final_dir = save(step, final=True)
     if env.is_main:
+        report_file = write_held_out_report(output_dir, before, after)
+        logger.close(artifacts=[report_file])  # not the full model: multi-GB uploads are the user's call
         print(f"sharded checkpoint in {final_dir / 'sharded'}" + (f"; HF model in {final_dir / 'hf'}" if cfg.save_hf else ""))
     teardown(env)
-    return {"losses": losses, "grad_norms": grad_norms, "held_out_before": before, "held_out_after": after, "checkpoint": final_dir}
+    return {"losses": losses, "grad_norms": grad_norms, "held_out_before": before.scores["loss"] if before else float("nan"),
+            "held_out_after": after.scores["loss"], "held_out": (before, after), "checkpoint": final_dir}
 
 
 if __name__ == "__main__":

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 import torch
 
 from tunesmith.models import load_peft_adapter
 from tunesmith.models.generation import generate
-from tunesmith.training.checkpointing import list_checkpoints
-from tunesmith.training.config import MISSING, ConfigError, NonNegativeFloat, NonNegativeInt, PositiveInt, Range
+from tunesmith.training.checkpointing import find_adapter
+from tunesmith.training.config import MISSING, NonNegativeFloat, NonNegativeInt, PositiveInt, Range
 from tunesmith.training import sources
 from tunesmith.training.options import ChatTemplate, Device, ModelSource, TokenizerSource
 from tunesmith.training.setup import load_model_and_tokenizer, select_device, select_dtype
@@ -50,7 +49,8 @@ class Config:
         top_p: Nucleus sampling: sample from the smallest set of tokens whose probability ≥ top_p.
     """
 
-    skips_unknown_file_keys: ClassVar[bool] = True  # the config file is usually a training run's
+    reads_training_configs: ClassVar[bool] = True  # its config file is usually a training run's (tune-run
+    # drops the training options it does not declare; see cli.own_file_values)
 
     model: ModelSource = MISSING
     tokenizer: TokenizerSource | None = None
@@ -68,48 +68,16 @@ class Config:
 
     def validate_environment(self) -> None:
         sources.check_device_available(self.device)
-        find_adapter(self)
-
-
-def find_adapter(cfg: Config) -> Path | None:
-    """The adapter folder ``cfg.adapter`` names (``auto``: the newest checkpoint's), or None.
-
-    Raises:
-        ConfigError: a path without ``adapter_config.json``, or an ``auto`` checkpoint that holds a
-            full model rather than an adapter (naming what to pass instead).
-    """
-    if cfg.adapter == "none":
-        return None
-    if cfg.adapter == "auto":
-        found = list_checkpoints(cfg.output_dir)
-        exported = sorted(Path(cfg.output_dir).glob("step_*/hf"))
-        if not found and exported:  # a full fine-tune's folder: its model is a model, not an adapter
-            raise ConfigError(f"adapter=auto: {cfg.output_dir} holds full models, not adapters; load the newest with "
-                              f"model={exported[-1]} adapter=none")
-        if not found:
-            return None
-        newest = found[-1]
-        if (newest / "adapter").is_dir():
-            return newest / "adapter"
-        merged = newest / "merged"
-        raise ConfigError(f"adapter=auto: the newest checkpoint {newest} holds no adapter (a full fine-tune); "
-                          + (f"load it with model={merged} adapter=none" if merged.is_dir() else
-                             "talk to the base model with adapter=none"))
-    path = Path(cfg.adapter)
-    path = path / "adapter" if (path / "adapter").is_dir() else path
-    if not (path / "adapter_config.json").is_file():
-        raise ConfigError(f"config key 'adapter' = {cfg.adapter!r}: no adapter_config.json in {path} "
-                          "(give a PEFT adapter folder, a checkpoint folder holding adapter/, auto or none)")
-    return path
+        find_adapter(self.adapter, self.output_dir)  # a bad path is refused before the model loads
 
 
 def main(cfg: Config) -> list[str]:
     device = select_device(cfg.device)
     dtype = select_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
-    adapter = find_adapter(cfg)
     base = load_model_and_tokenizer(cfg.model, cfg.tokenizer, dtype, device, cfg.chat_template)
     model, tokenizer = base.model, base.tokenizer
+    adapter = find_adapter(cfg.adapter, cfg.output_dir, base_model=base.source)
     if adapter is not None:
         load_peft_adapter(model, adapter)  # adds LoRA layers as adapter_config.json describes
     print(f"model: {cfg.model}" + (f" + adapter {adapter}" if adapter else " (no adapter)"), file=sys.stderr)

@@ -47,7 +47,9 @@ from tunesmith.training.grpo import (
     sample_groups,
     score_groups,
 )
-from tunesmith.training.metrics import MetricLogger, peak_memory_gib
+from tunesmith.training.eval_metrics import load_eval_metrics
+from tunesmith.training.evaluation import HeldOutReport, write_held_out_report
+from tunesmith.training.metrics import metric_logger, peak_memory_gib
 from tunesmith.training.options import LoRAOptions, RunOptions
 from tunesmith.training.policy_losses import PolicyLogProbs, build_policy_loss, group_advantages, policy_loss_class
 from tunesmith.training.rewards import REWARDS, build_rewards, reward_names
@@ -63,8 +65,10 @@ class Config(RunOptions):
 
     The options every recipe shares come from ``RunOptions`` in training/options.py. Here
     ``batch_size`` counts prompts per micro-batch (each brings ``num_generations`` completions),
-    a step samples ``batch_size × grad_accum_steps`` prompts, and ``eval_batches`` bounds the
-    held-out prompts to ``eval_batches × batch_size`` (0: all).
+    a step samples ``batch_size × grad_accum_steps`` prompts. The held-out report before and after
+    answers ``eval_examples`` held-out prompts greedily (0: all) and scores the answers with the
+    rewards (and any ``eval_metric``); the evaluation every ``eval_every`` steps answers
+    ``eval_batches × batch_size`` of them (0: all).
 
     Attributes:
         data: The prompts (see ``PromptDataOptions``).
@@ -84,8 +88,10 @@ class Config(RunOptions):
             reference pass — ``epsilon``, ``epsilon_low``/``epsilon_high``).
         logprob_chunk_size: Completion tokens projected to the vocabulary at once (0: all).
         save_merged: Also write a merged full model in the HF layout at the end.
-        sample_max_new_tokens: > 0 prints the greedy answer to the first held-out prompt before
-            and after training (held-out answers are ``max_new_tokens`` long).
+        sample_max_new_tokens: > 0 prints ``show_samples`` greedy answers to held-out prompts before and
+            after (held-out answers are ``max_new_tokens`` long).
+        eval_metric: Scores of the held-out answers besides the rewards (default: none; the rewards
+            are the held-out metric).
     """
 
     data: PromptDataOptions = field(default_factory=PromptDataOptions)
@@ -106,6 +112,7 @@ class Config(RunOptions):
     lr: float = 1e-5  # this recipe's default
     warmup_steps: int = 0  # this recipe's default
     batch_size: int = 2  # this recipe's default
+    eval_metric: list[str] = field(default_factory=lambda: ["none"])  # the rewards score held-out answers already
 
     def validate(self) -> None:
         """Rules across options, checked by ``build_config`` before anything loads."""
@@ -146,6 +153,7 @@ def main(cfg: Config) -> dict[str, Any]:
     keep_freed_host_memory(device)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # the adapters
 
+    eval_metrics = load_eval_metrics(cfg.eval_metric)
     batches, val_set = prompt_batches(cfg.data, tokenizer, cfg.batch_size, cfg.seed)
     fields = batches.dataset.field_names & val_set.field_names  # record columns the rewards may ask for
     reward_fns, weights = build_rewards(cfg.rewards, cfg.reward_weights, fields)
@@ -164,15 +172,18 @@ def main(cfg: Config) -> dict[str, Any]:
             config_yaml=to_yaml(cfg), keep_last=cfg.keep_last, merged_tokenizer_dir=base.tokenizer_dir,
             save_merged=final and cfg.save_merged)
 
-    def held_out(when: str) -> dict[str, Any]:
-        metrics = evaluate_rewards(model, tokenizer, val_set, reward_fns, weights, names,
-                                   max_prompts=cfg.eval_batches * cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
-        report_rewards(metrics, when, names, show_sample=cfg.sample_max_new_tokens > 0)
-        return metrics
+    def held_out(when: str) -> HeldOutReport:  # the rewards (and any eval_metric) of greedy answers
+        scores = evaluate_rewards(model, tokenizer, val_set, reward_fns, weights, names, eval_metrics=eval_metrics,
+                                  max_prompts=cfg.eval_examples, max_new_tokens=cfg.max_new_tokens)
+        report_rewards(scores, when, cfg.show_samples if cfg.sample_max_new_tokens > 0 else 0)
+        samples = scores.pop("samples")
+        report = HeldOutReport(when, scores=scores, samples=[{"prompt": p, "completion": a} for p, a in samples])
+        logger.log(step, report.scalars(), advance=False)
+        return report
 
     # ---- before ------------------------------------------------------------------------------------
-    before = held_out("before") if step == 0 else {}
-    logger = MetricLogger(output_dir / "tensorboard" if cfg.tensorboard else None, total_steps, start_step=step)
+    logger = metric_logger(cfg, total_steps, start_step=step)
+    before = held_out("before") if step == 0 else None
     history: list[dict[str, float]] = []
 
     # ---- training loop -----------------------------------------------------------------------------
@@ -251,20 +262,20 @@ def main(cfg: Config) -> dict[str, Any]:
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
             val = evaluate_rewards(model, tokenizer, val_set, reward_fns, weights, names,
                                    max_prompts=cfg.eval_batches * cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
-            logger.log(step, {f"val/{k}": v for k, v in val.items() if k != "sample"}, advance=False)
+            logger.log(step, {f"val/{k}": v for k, v in val.items() if k != "samples"}, advance=False)
             logger.write(f"step {step}: held-out reward {val['reward']:.3f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             save(step)
-    logger.close()
 
     # ---- after -------------------------------------------------------------------------------------
     after = held_out("after")
-    if before:
-        print(f"held-out reward: {before['reward']:.3f} before → {after['reward']:.3f} after")
     final_dir = save(step, final=True)
+    report_file = write_held_out_report(output_dir, before, after)
+    logger.close(artifacts=[final_dir / "adapter", report_file])
     print(f"adapter saved to {final_dir / 'adapter'}" + (f"; merged model in {final_dir / 'merged'}" if cfg.save_merged else ""))
-    return {"losses": [h["train/loss"] for h in history], "history": history, "held_out_before": before,
-            "held_out_after": after, "checkpoint": final_dir}
+    return {"losses": [h["train/loss"] for h in history], "history": history,
+            "held_out_before": before.scores if before else {}, "held_out_after": after.scores,
+            "held_out": (before, after), "checkpoint": final_dir}
 
 
 if __name__ == "__main__":

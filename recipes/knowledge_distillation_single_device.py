@@ -32,9 +32,10 @@ from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_late
 from tunesmith.training.config import MISSING, ConfigError, Range, check_keyword_args, to_dict, to_yaml
 from tunesmith.training.distillation import evaluate_distillation, load_teacher, report_distillation
 from tunesmith.training.distillation_losses import build_distillation_loss, distillation_loss_class
-from tunesmith.training.evaluation import report_sample
+from tunesmith.training.eval_metrics import load_eval_metrics
+from tunesmith.training.evaluation import HeldOutReport, answer_held_out, write_held_out_report
 from tunesmith.training.losses import IGNORE_INDEX, CrossEntropyLoss
-from tunesmith.training.metrics import MetricLogger, peak_memory_gib
+from tunesmith.training.metrics import metric_logger, peak_memory_gib
 from tunesmith.training.options import DataOptions, LoRAOptions, RunOptions, TokenizerSource
 from tunesmith.training.preference import save_full_checkpoint
 from tunesmith.training.schedules import warmup_cosine
@@ -124,6 +125,7 @@ def main(cfg: Config) -> dict[str, Any]:
     optimizer = build_optimizer(params.values(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total_steps)
     kd_loss = build_distillation_loss(cfg.loss, cfg.loss_args)
+    eval_metrics = load_eval_metrics(cfg.eval_metric)
     ce_loss = CrossEntropyLoss()
     step = resume_latest(output_dir, params, optimizer, scheduler, config=to_dict(cfg)) if cfg.resume else 0
 
@@ -135,16 +137,18 @@ def main(cfg: Config) -> dict[str, Any]:
         return save_adapter_checkpoint(output_dir, at_step, lora=cfg.lora, base_model=base.source,
                                        merged_tokenizer_dir=base.tokenizer_dir, **common)
 
-    def held_out(when: str) -> dict[str, float]:
-        metrics = evaluate_distillation(model, teacher, val_batches, device, max_batches=cfg.eval_batches)
-        report_distillation(metrics, when)
-        if cfg.sample_max_new_tokens > 0:
-            report_sample(model, tokenizer, val_set.prompt_messages(0), cfg.sample_max_new_tokens, when)
-        return metrics
+    def held_out(when: str) -> HeldOutReport:  # KL to the teacher, the student's loss, its greedy answers scored
+        report = HeldOutReport(when, scores=evaluate_distillation(model, teacher, val_batches, device,
+                                                                  max_batches=cfg.eval_batches))
+        report_distillation(report.scores, when)
+        if cfg.sample_max_new_tokens > 0 and val_set.prompt_messages(0):
+            answer_held_out(model, tokenizer, val_set, eval_metrics, report, cfg)
+        logger.log(step, report.scalars(), advance=False)
+        return report
 
     # ---- before ------------------------------------------------------------------------------------
-    before = held_out("before") if step == 0 else {}
-    logger = MetricLogger(output_dir / "tensorboard" if cfg.tensorboard else None, total_steps, start_step=step)
+    logger = metric_logger(cfg, total_steps, start_step=step)
+    before = held_out("before") if step == 0 else None
     losses: list[float] = []
 
     # ---- training loop -----------------------------------------------------------------------------
@@ -185,17 +189,20 @@ def main(cfg: Config) -> dict[str, Any]:
             logger.write(f"step {step}: held-out KL {val['kl']:.4f}, loss {val['loss']:.4f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             save(step)
-    logger.close()
 
     # ---- after -------------------------------------------------------------------------------------
     after = held_out("after")
-    if before:
-        print(f"held-out KL: {before['kl']:.4f} before → {after['kl']:.4f} after "
-              f"({100 * (1 - after['kl'] / max(1e-12, before['kl'])):.0f}% lower)")
+    if before is not None:
+        kl_before, kl_after = before.scores["kl"], after.scores["kl"]
+        print(f"held-out KL: {kl_before:.4f} before → {kl_after:.4f} after "
+              f"({100 * (1 - kl_after / max(1e-12, kl_before)):.0f}% lower)")
     final_dir = save(step, final=True)
+    report_file = write_held_out_report(output_dir, before, after)
+    logger.close(artifacts=[report_file] + ([] if cfg.full else [final_dir / "adapter"]))  # not a full model
     what = "model" if cfg.full else "adapter"
     print(f"{what} checkpoint saved to {final_dir}" + (f"; merged model in {final_dir / 'merged'}" if cfg.save_merged else ""))
-    return {"losses": losses, "held_out_before": before, "held_out_after": after, "checkpoint": final_dir}
+    return {"losses": losses, "held_out_before": before.scores if before else {}, "held_out_after": after.scores,
+            "held_out": (before, after), "checkpoint": final_dir}
 
 
 if __name__ == "__main__":

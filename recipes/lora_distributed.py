@@ -35,9 +35,10 @@ from tunesmith.recipes import lora_single_device
 from tunesmith.recipes.lora_single_device import build_loss
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
 from tunesmith.training.config import to_dict, to_yaml
-from tunesmith.training.evaluation import evaluate_loss, held_out_report
+from tunesmith.training.eval_metrics import load_eval_metrics
+from tunesmith.training.evaluation import HeldOutReport, evaluate_loss, held_out_report, write_held_out_report
 from tunesmith.training.losses import IGNORE_INDEX
-from tunesmith.training.metrics import MetricLogger, SilentLogger, peak_memory_gib
+from tunesmith.training.metrics import metric_logger, peak_memory_gib
 from tunesmith.training.options import ShardingOptions
 from tunesmith.training.process_group import init_distributed, rank_slice, seed_everything, sum_over_ranks, teardown
 from tunesmith.training.schedules import warmup_cosine
@@ -79,6 +80,7 @@ def main(cfg: Config) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     if env.is_main:
         remove_stale_temp_dirs(output_dir)
+    eval_metrics = load_eval_metrics(cfg.eval_metric)
 
     # FSDP: meta model + adapters → fully_shard → each rank reads (and NF4-quantizes) only its rows
     base = load_for_training(cfg.model, cfg.tokenizer, cfg.chat_template, dtype, env, lora=cfg.lora,
@@ -98,6 +100,7 @@ def main(cfg: Config) -> dict[str, Any]:
         compile_model_and_loss(model, loss_fn)
     offload = activation_offloading(cfg.activation_offloading, env.device)
     step = resume_latest(output_dir, params, optimizer, scheduler, config=to_dict(cfg), env=env) if cfg.resume else 0
+    logger = metric_logger(cfg, total_steps, start_step=step, main_process=env.is_main)  # FSDP: rank 0 logs
 
     def save(at_step: int, final: bool = False) -> Path:  # FSDP: every rank gathers, rank 0 writes
         return save_adapter_checkpoint(
@@ -106,14 +109,14 @@ def main(cfg: Config) -> dict[str, Any]:
             config_yaml=to_yaml(cfg), keep_last=cfg.keep_last, merged_tokenizer_dir=base.tokenizer_dir,
             save_merged=final and cfg.save_merged, env=env)
 
-    def held_out(when: str) -> float:  # FSDP: each rank evaluates its share; rank 0 reports
-        return held_out_report(model, tokenizer, val_batches, val_set, loss_fn, env.device, when=when,
-                               max_batches=cfg.eval_batches, max_new_tokens=cfg.sample_max_new_tokens, env=env)
+    def held_out(when: str) -> HeldOutReport:  # FSDP: each rank evaluates its share; rank 0 reports
+        report = held_out_report(model, tokenizer, val_batches, val_set, loss_fn, env.device, eval_metrics, cfg,
+                                 when=when, env=env)
+        logger.log(step, report.scalars(), advance=False)
+        return report
 
     # ---- before ------------------------------------------------------------------------------------
-    before = held_out("before") if step == 0 else float("nan")
-    log_dir = output_dir / "tensorboard" if cfg.tensorboard else None
-    logger = MetricLogger(log_dir, total_steps, start_step=step) if env.is_main else SilentLogger()
+    before = held_out("before") if step == 0 else None
     losses: list[float] = []
     grad_norms: list[float] = []
 
@@ -150,16 +153,17 @@ def main(cfg: Config) -> dict[str, Any]:
             logger.write(f"step {step}: held-out loss {val_loss:.4f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             save(step)
-    logger.close()
 
     # ---- after -------------------------------------------------------------------------------------
     after = held_out("after")
     final_dir = save(step, final=True)
     if env.is_main:
+        report_file = write_held_out_report(output_dir, before, after)
+        logger.close(artifacts=[final_dir / "adapter", report_file])
         print(f"adapter saved to {final_dir / 'adapter'}" + (f"; merged model in {final_dir / 'merged'}" if cfg.save_merged else ""))
     teardown(env)
-    return {"losses": losses, "grad_norms": grad_norms, "held_out_before": before, "held_out_after": after,
-            "checkpoint": final_dir}
+    return {"losses": losses, "grad_norms": grad_norms, "held_out_before": before.scores["loss"] if before else float("nan"),
+            "held_out_after": after.scores["loss"], "held_out": (before, after), "checkpoint": final_dir}
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """LoRA fine-tuning on one device (GPU or CPU).
 
     load base model (frozen; NF4 if quantize_base) + tokenizer ─► add LoRA adapters ─► tokenize data
-    report held-out loss and a sample answer (before)
+    report held-out loss and eval_metric over greedy answers, with a few samples (before)
     for step in steps:
         take grad_accum_steps micro-batches; count their labelled tokens N
         for each micro-batch:  loss = Σ token losses / N ;  loss.backward()
         clip grad norm ; AdamW step ; LR schedule step
         log (loss, lr, grad norm, tokens/s, memory) ; every eval_every: held-out loss
         every save_every: checkpoint (adapter, optimizer, schedule, RNG, data position)
-    report held-out loss and a sample answer (after) ; final checkpoint (+ merged model)
+    report held-out loss and eval_metric (after) ; final checkpoint (+ merged model) ; before → after table
 
 Copy it out (``tune-run cp lora_single_device my_lora.py``), edit the loop, and run the copy with
 ``tune-run my_lora.py --config smollm2_135m``. Everything the loop calls is a small library function.
@@ -27,9 +27,10 @@ from tunesmith.models import apply_lora
 from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
 from tunesmith.training.config import ConfigError, check_keyword_args, to_dict, to_yaml
-from tunesmith.training.evaluation import evaluate_loss, held_out_report
+from tunesmith.training.eval_metrics import load_eval_metrics
+from tunesmith.training.evaluation import HeldOutReport, evaluate_loss, held_out_report, write_held_out_report
 from tunesmith.training.losses import IGNORE_INDEX, loss_class
-from tunesmith.training.metrics import MetricLogger, peak_memory_gib
+from tunesmith.training.metrics import metric_logger, peak_memory_gib
 from tunesmith.training.options import DataOptions, LoRAOptions, RunOptions
 from tunesmith.training.schedules import warmup_cosine
 from tunesmith.training.setup import (
@@ -113,6 +114,7 @@ def main(cfg: Config) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     remove_stale_temp_dirs(output_dir)
+    eval_metrics = load_eval_metrics(cfg.eval_metric)  # before loading anything: a typo fails at once
 
     nf4_targets = cfg.lora.targets if cfg.quantize_base else []  # QLoRA: quantize while loading
     base = load_model_and_tokenizer(cfg.model, cfg.tokenizer, dtype, device, cfg.chat_template, nf4_targets)
@@ -133,6 +135,7 @@ def main(cfg: Config) -> dict[str, Any]:
         compile_model_and_loss(model, loss_fn)
     offload = activation_offloading(cfg.activation_offloading, device)
     step = resume_latest(output_dir, params, optimizer, scheduler, config=to_dict(cfg)) if cfg.resume else 0
+    logger = metric_logger(cfg, total_steps, start_step=step)
 
     def save(at_step: int, final: bool = False) -> Path:
         return save_adapter_checkpoint(
@@ -141,13 +144,14 @@ def main(cfg: Config) -> dict[str, Any]:
             config_yaml=to_yaml(cfg), keep_last=cfg.keep_last, merged_tokenizer_dir=base.tokenizer_dir,
             save_merged=final and cfg.save_merged)
 
-    def held_out(when: str) -> float:
-        return held_out_report(model, tokenizer, val_batches, val_set, loss_fn, device, when=when,
-                               max_batches=cfg.eval_batches, max_new_tokens=cfg.sample_max_new_tokens)
+    def held_out(when: str) -> HeldOutReport:
+        report = held_out_report(model, tokenizer, val_batches, val_set, loss_fn, device, eval_metrics, cfg,
+                                 when=when)
+        logger.log(step, report.scalars(), advance=False)
+        return report
 
     # ---- before ------------------------------------------------------------------------------------
-    before = held_out("before") if step == 0 else float("nan")
-    logger = MetricLogger(output_dir / "tensorboard" if cfg.tensorboard else None, total_steps, start_step=step)
+    before = held_out("before") if step == 0 else None
     losses: list[float] = []
     grad_norms: list[float] = []
 
@@ -183,14 +187,15 @@ def main(cfg: Config) -> dict[str, Any]:
             logger.write(f"step {step}: held-out loss {val_loss:.4f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             save(step)
-    logger.close()
 
     # ---- after -------------------------------------------------------------------------------------
     after = held_out("after")
     final_dir = save(step, final=True)
+    report_file = write_held_out_report(output_dir, before, after)
+    logger.close(artifacts=[final_dir / "adapter", report_file])
     print(f"adapter saved to {final_dir / 'adapter'}" + (f"; merged model in {final_dir / 'merged'}" if cfg.save_merged else ""))
-    return {"losses": losses, "grad_norms": grad_norms, "held_out_before": before, "held_out_after": after,
-            "checkpoint": final_dir}
+    return {"losses": losses, "grad_norms": grad_norms, "held_out_before": before.scores["loss"] if before else float("nan"),
+            "held_out_after": after.scores["loss"], "held_out": (before, after), "checkpoint": final_dir}
 
 
 if __name__ == "__main__":

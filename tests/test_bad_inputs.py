@@ -100,7 +100,7 @@ def env(tiny_llama_dir, tiny_data, tmp_path_factory) -> Env:
     (tmp / "prompts").mkdir()
     prompts = write_splits(tmp / "prompts", make_prompts)
     common = {"model": str(tiny_llama_dir), "output_dir": str(tmp / "never_written"), "device": "cpu", "dtype": "fp32",
-              "batch_size": 4, "max_steps": 2, "warmup_steps": 1, "sample_max_new_tokens": 0, "tensorboard": False,
+              "batch_size": 4, "max_steps": 2, "warmup_steps": 1, "sample_max_new_tokens": 0, "logger": "none",
               "eval_batches": 1}
     sft_data = {"train": str(tiny_data["train"]), "val": str(tiny_data["val"]), "max_seq_len": 64}
     lora = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj"]}

@@ -129,17 +129,6 @@ def test_path_checks_run_apart_from_the_pure_checks():
         check_environment(cfg)
 
 
-def test_unknown_keys_of_a_training_file_are_skipped_by_a_config_that_asks_for_it():
-    @dataclass
-    class Reader:
-        skips_unknown_file_keys: ClassVar[bool] = True
-        name: str = "x"
-
-    assert build_config(Reader, {"name": "y", "lora": {"rank": 4}, "batch_size": 2}, []).name == "y"
-    with pytest.raises(ConfigError, match="unknown config key 'lora'"):
-        build_config(Reader, {}, ["lora.rank=4"])  # the command line is still strict
-
-
 def test_yaml_round_trip_and_interpolation():
     cfg = build(["note=${name}-notes"])
     assert cfg.note == "x-notes"

@@ -26,7 +26,7 @@ def test_readme_focal_loss_plugs_in_by_import_path(tiny_llama_dir, tiny_data, tm
     monkeypatch.chdir(tmp_path)  # import paths resolve from the working directory, like the CLI
     common = {
         "model": str(tiny_llama_dir), "data": {"train": str(tiny_data["train"]), "val": str(tiny_data["val"])},
-        "device": "cpu", "dtype": "fp32", "max_steps": 4, "sample_max_new_tokens": 0, "tensorboard": False,
+        "device": "cpu", "dtype": "fp32", "max_steps": 4, "sample_max_new_tokens": 0, "logger": "none",
     }
     cfg_file = tmp_path / "focal.yaml"
     cfg_file.write_text(yaml.safe_dump({**common, "output_dir": str(tmp_path / "focal"), "loss": "my_losses.FocalLoss",

@@ -24,7 +24,7 @@ def test_demo_adapter_in_peft_and_merged_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     overrides = [f"output_dir={tmp_path}", "max_steps=3", "eval_every=0", "save_every=0", "eval_batches=1",
-                 "sample_max_new_tokens=0", "tensorboard=false", "save_merged=true", "lr=3e-3", "warmup_steps=1"]
+                 "sample_max_new_tokens=0", "logger=none", "save_merged=true", "lr=3e-3", "warmup_steps=1"]
     cfg = build_config(recipe.Config, load_yaml(CONFIGS / "smollm2_135m.yaml"), overrides)
     ckpt = recipe.main(cfg)["checkpoint"]
 

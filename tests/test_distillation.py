@@ -123,7 +123,7 @@ def make_cfg(model_dir: Path, teacher: Path, data: dict[str, Path], out: Path, *
         "data": {"train": str(data["train"]), "val": str(data["val"]), "max_seq_len": 64},
         "lora": {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj", "o_proj", "down_proj", "output"]},
         "output_dir": str(out), "device": "cpu", "dtype": "fp32", "batch_size": 4, "max_steps": 20, "lr": 1e-2,
-        "warmup_steps": 2, "sample_max_new_tokens": 0, "tensorboard": False, "kd_ratio": 1.0,
+        "warmup_steps": 2, "sample_max_new_tokens": 0, "logger": "none", "kd_ratio": 1.0,
     }
     return build_config(recipe.Config, with_overrides(values, overrides), [])
 
@@ -137,7 +137,7 @@ def test_tiny_student_moves_toward_tiny_teacher(tiny_llama_dir, teacher_dir, tin
 
 def test_full_student_with_cross_entropy_mix_and_tensorboard(tiny_llama_dir, teacher_dir, tiny_data, tmp_path):
     result = recipe.main(make_cfg(tiny_llama_dir, teacher_dir, tiny_data, tmp_path / "run", full=True, lr=2e-3,
-                                  kd_ratio=0.5, max_steps=8, tensorboard=True))
+                                  kd_ratio=0.5, max_steps=8, logger="tensorboard"))
     assert result["held_out_after"]["kl"] < result["held_out_before"]["kl"]
     assert "layers.0.mlp.up_proj.weight" in load_file(result["checkpoint"] / "trainable.safetensors")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

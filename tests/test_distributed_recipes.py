@@ -44,7 +44,7 @@ def common(out: Path, data: dict[str, Path], **extra) -> dict:
         "data": {"train": str(data["train"]), "val": str(data["val"]), "max_seq_len": 64},
         "output_dir": str(out), "device": "cpu", "dtype": "fp32", "batch_size": 4, "grad_accum_steps": 2,
         "max_steps": STEPS, "lr": 1e-2, "warmup_steps": 1, "save_every": SAVE_AT, "keep_last": 0, "eval_batches": 2,
-        "sample_max_new_tokens": 0, "tensorboard": False, **extra,
+        "sample_max_new_tokens": 0, "logger": "none", **extra,
     }
 
 

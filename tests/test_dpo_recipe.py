@@ -30,7 +30,7 @@ def make_cfg(model_dir: Path, data: dict[str, Path], out: Path, **overrides) -> 
         "data": {"train": str(data["train"]), "val": str(data["val"]), "max_seq_len": 64},
         "lora": {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj", "o_proj", "down_proj", "output"]},
         "output_dir": str(out), "device": "cpu", "dtype": "fp32", "batch_size": 8, "max_steps": 30, "lr": 1e-2,
-        "warmup_steps": 2, "tensorboard": False, "loss_args": {"beta": 0.5},
+        "warmup_steps": 2, "logger": "none", "loss_args": {"beta": 0.5},
     }
     for key, value in overrides.items():
         node = values
@@ -150,3 +150,14 @@ def test_packed_pairs_give_each_response_the_log_prob_it_has_alone(tiny_llama_di
     b = len(dataset)
     torch.testing.assert_close(logps, torch.cat([expected[:b][order], expected[b:][order]]), atol=1e-4, rtol=0)
     assert torch.equal(counts, torch.cat([expected_counts[:b][order], expected_counts[b:][order]]))
+
+
+def test_held_out_answers_are_scored_against_the_chosen_ones(tiny_llama_dir, pref_data, tmp_path):
+    cfg = make_cfg(tiny_llama_dir, pref_data, tmp_path / "run", max_steps=1, sample_max_new_tokens=4,
+                   eval_examples=3, show_samples=1, eval_metric=["exact_match"])
+    before, after = recipe.main(cfg)["held_out"]
+    val = [yaml.safe_load(line) for line in pref_data["val"].read_text().splitlines()[:3]]
+    assert [s["reference"] for s in after.samples] == [r["chosen"] for r in val]
+    assert [s["prompt"] for s in after.samples] == [r["prompt"] for r in val]
+    assert after.scores["exact_match"] == sum(s["completion"].strip() == s["reference"] for s in after.samples) / 3
+    assert {"reward_acc", "margin", "exact_match"} <= set(before.scores) and "reward_acc" in after.percent

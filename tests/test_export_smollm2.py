@@ -87,9 +87,10 @@ def test_quantized_exports_stay_within_their_error_and_answer_the_demo_prompt(fi
     quantized = load_pretrained(str(files[file_type]))
     with torch.no_grad():
         ref, got = model(torch.tensor([prompt])), quantized(torch.tensor([prompt]))
-    # Measured on the base model (logits std 7.9): q8_0 max |Δ| 2.3, mean 0.28, top-1 agreement 98%;
-    # q4_0 max 25, mean 3.8, top-1 57% (re-quantizing a model already stored in Q4_1).
-    mean_bound, top1_bound = {"q8_0": (0.5, 0.95), "q4_0": (6.0, 0.45)}[file_type]
+    # Measured on the base model (logits std 7.9): q8_0 max |Δ| 2.3, mean 0.28, top-1 agreement 98%
+    # (94% with this fixture's random adapter: 3 of 53 positions); q4_0 max 25, mean 3.8, top-1 57%
+    # (re-quantizing a model already stored in Q4_1).
+    mean_bound, top1_bound = {"q8_0": (0.5, 0.9), "q4_0": (6.0, 0.45)}[file_type]
     assert (got - ref).abs().mean().item() <= mean_bound
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= top1_bound
     # q4_0's answer nests the fields ({"user": {"user_name": …}}), so it needs more tokens to reach "Porto".

@@ -129,8 +129,7 @@ def test_full_finetune_one_process_exports_its_family(family, family_dir, tiny_d
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_generate_answers(family, family_dir, tiny_data, tmp_path):
-    values = {"model": str(family_dir(family)), "data": {"train": str(tiny_data["train"])}, "device": "cpu",
-              "dtype": "fp32", "adapter": "none", "prompt": "Repeat the words twice.\n\nred cat", "max_new_tokens": 5,
-              "output_dir": str(tmp_path)}
+    values = {"model": str(family_dir(family)), "device": "cpu", "dtype": "fp32", "adapter": "none",
+              "prompt": "Repeat the words twice.\n\nred cat", "max_new_tokens": 5, "output_dir": str(tmp_path)}
     replies = generate.main(build_config(generate.Config, values, []))
     assert len(replies) == 1 and isinstance(replies[0], str)

@@ -65,7 +65,7 @@ def run_values(model_dir: Path, data: dict[str, Path], out: Path, **overrides) -
         "data": {"train": str(data["train"]), "val": str(data["val"]), "max_seq_len": 64},
         "output_dir": str(out), "device": "cpu", "dtype": "fp32", "batch_size": 4, "grad_accum_steps": 2,
         "max_steps": STEPS, "lr": 1e-3, "warmup_steps": 1, "save_every": SAVE_EVERY, "keep_last": 0,
-        "sample_max_new_tokens": 0, "tensorboard": False, "eval_batches": 1,
+        "sample_max_new_tokens": 0, "logger": "none", "eval_batches": 1,
     }
     values.update(overrides)
     return values

@@ -1,9 +1,10 @@
-"""Generation: KV-cache decoding must equal re-running the full sequence; sampling rules."""
+"""Generation: KV-cache decoding must equal re-running the full sequence; batched rows equal single ones;
+sampling rules."""
 
 import pytest
 import torch
 
-from tunesmith.models.generation import generate, sample_next
+from tunesmith.models.generation import generate, generate_batch, sample_next
 from tunesmith.models.llama import Llama, LlamaConfig
 
 
@@ -105,3 +106,37 @@ def test_bad_arguments_raise(model):
         sample_next(torch.zeros(3), temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="non-empty prompt"):
         generate(model, [], max_new_tokens=3)
+
+
+def _tiny_gemma3():
+    from tunesmith.models.gemma import Gemma, GemmaConfig
+
+    torch.manual_seed(0)
+    cfg = GemmaConfig(version=3, vocab_size=96, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                      intermediate_size=48, head_dim=8, sliding_window=4, max_seq_len=128)
+    m = Gemma(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.normal_(0, 0.3 if "norm" in name else 0.2)
+    return m
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_batched_rows_of_different_lengths_equal_each_prompt_alone(model, family):
+    """Left padding is invisible: pads masked out, positions restarted (Gemma 3: also across its sliding window)."""
+    net = model if family == "llama" else _tiny_gemma3()
+    prompts = [PROMPT, [7], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39], [2, 60, 61]]
+    alone = [generate(net, p, max_new_tokens=12, use_cache=False) for p in prompts]
+    assert generate_batch(net, prompts, max_new_tokens=12) == alone
+    # A stop id ends only its own row; the others run on.
+    stop = alone[0][3]
+    cut = generate_batch(net, prompts, max_new_tokens=12, stop_ids=[stop])
+    for row, ref in zip(cut, alone):
+        assert row == (ref[: ref.index(stop)] if stop in ref else ref)
+    assert all(layer.attn.kv_cache is None for layer in net.layers) and net.kv_left_padding is None
+
+
+def test_batched_stop_when_ends_a_row_keeping_its_tokens(model):
+    alone = generate(model, PROMPT, max_new_tokens=12)
+    rows = generate_batch(model, [PROMPT, [7, 8]], max_new_tokens=12, stop_when=lambda new: len(new) == 5)
+    assert rows[0] == alone[:5] and len(rows[1]) == 5

@@ -63,7 +63,7 @@ def make_cfg(model_dir: Path, data: dict[str, Path], out: Path, **overrides) -> 
         "data": {"train": str(data["train"]), "val": str(data["val"]), "max_prompt_len": 64},
         "lora": {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj", "o_proj", "down_proj", "output"]},
         "output_dir": str(out), "device": "cpu", "dtype": "fp32", "batch_size": 2, "max_steps": 20, "lr": 1e-2,
-        "rewards": ["tiny_rewards.vowels"], "num_generations": 8, "max_new_tokens": 8, "tensorboard": False,
+        "rewards": ["tiny_rewards.vowels"], "num_generations": 8, "max_new_tokens": 8, "logger": "none",
         "eval_batches": 4, "sample_max_new_tokens": 0,
     }
     return build_config(recipe.Config, with_overrides(values, overrides), [])
@@ -162,7 +162,7 @@ def test_rewards_get_the_record_columns_and_custom_pieces_plug_in_from_yaml(tiny
     (tmp_path / "my_rewards.py").write_text(readme_block("# my_rewards.py"))
     monkeypatch.chdir(tmp_path)
     cfg = make_cfg(tiny_llama_dir, prompt_data, tmp_path / "run", max_steps=12, loss="my_policy_losses.GSPOLoss",
-                   loss_args={"epsilon": 4e-4}, tensorboard=True,
+                   loss_args={"epsilon": 4e-4}, logger="tensorboard",
                    rewards=["tiny_rewards.vowels", "my_rewards.exact_answer", "tiny_rewards.echo_answer_length"],
                    reward_weights=[1.0, 1.0, 0.0])
     cfg_file = tmp_path / "custom.yaml"

@@ -27,7 +27,7 @@ def make_cfg(model_dir: Path, data: dict[str, Path], out: Path, **overrides) -> 
         "data": {"train": str(data["train"]), "val": str(data["val"]), "max_seq_len": 64},
         "lora": {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj", "o_proj", "down_proj", "output"]},
         "output_dir": str(out), "device": "cpu", "dtype": "fp32", "batch_size": 4, "max_steps": 20, "lr": 1e-2,
-        "warmup_steps": 2, "sample_max_new_tokens": 0, "tensorboard": False, "eval_batches": 2,
+        "warmup_steps": 2, "sample_max_new_tokens": 0, "logger": "none", "eval_batches": 2,
     }
     for key, value in overrides.items():
         node = values

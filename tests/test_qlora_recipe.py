@@ -72,7 +72,7 @@ def test_qlora_recipe_trains_keeps_base_nf4_frozen_and_saves(tiny_llama_dir, tin
         "data": {"train": str(tiny_data["train"]), "val": str(tiny_data["val"]), "max_seq_len": 64},
         "lora": {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj", "o_proj", "down_proj", "output"]},
         "output_dir": str(tmp_path / "run"), "batch_size": 4, "max_steps": 20, "lr": 1e-2, "warmup_steps": 2,
-        "sample_max_new_tokens": 0, "tensorboard": False, "eval_batches": 2, "save_merged": True,
+        "sample_max_new_tokens": 0, "logger": "none", "eval_batches": 2, "save_merged": True,
     }
     cfg = build_config(qlora_single_device.Config, values, [])
     assert cfg.quantize_base and cfg.dtype == "bf16"  # the QLoRA defaults

@@ -30,7 +30,8 @@ def bundled(kind: str) -> list[str]:
     for name in cli.bundled_configs():
         values = load_yaml(cli.CONFIGS_DIR / f"{name}.yaml")
         is_dpo = "dpo" in name
-        if (kind == "dpo") == is_dpo and (is_dpo or "lora" in values):
+        other_method = name.endswith(("_grpo", "_kd"))  # GRPO and distillation have recipes of their own
+        if (kind == "dpo") == is_dpo and (is_dpo or "lora" in values) and not other_method:
             names.append(name)
     return names
 

@@ -46,7 +46,7 @@ def make_cfg(model_dir, data, out, **overrides) -> recipe.Config:
         "data": {"train": str(data["train"]), "val": str(data["val"]), "max_seq_len": 64},
         "lora": {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj", "down_proj", "output"]},
         "output_dir": str(out), "device": "cpu", "dtype": "fp32", "batch_size": 4, "max_steps": 4, "lr": 1e-2,
-        "warmup_steps": 1, "sample_max_new_tokens": 0, "tensorboard": False, "eval_batches": 1,
+        "warmup_steps": 1, "sample_max_new_tokens": 0, "logger": "none", "eval_batches": 1,
     }
     values.update(overrides)
     return build_config(recipe.Config, values, [])

@@ -559,3 +559,51 @@ def save_adapter_checkpoint(
     return save_checkpoint(output_dir, step, trainable=trainable, state=state, config_yaml=config_yaml,
                            extra_writers=writers, keep_last=keep_last, env=env, collective_writers=collective,
                            rank_rngs=gather_objects(rng_state(), env) if sharded else None)
+
+
+def find_adapter(choice: str, output_dir: str | Path, base_model: str | None = None) -> Path | None:
+    """Resolve an ``adapter`` / ``checkpoint`` option to a PEFT adapter folder.
+
+    Args:
+        choice: ``auto`` (the newest checkpoint's ``adapter/`` in ``output_dir``, if any), ``none``, or
+            a path to an adapter folder or a checkpoint folder holding ``adapter/``.
+        output_dir: The run's folder, searched by ``auto``.
+        base_model: With ``auto``, the adapter is used only when it records this base model (so a
+            merged model, or another base, is never given an adapter trained for a different one).
+
+    Raises:
+        ConfigError: a path without ``adapter_config.json``, or an ``auto`` checkpoint that holds a
+            full model rather than an adapter (naming what to load instead).
+    """
+    import json
+
+    from tunesmith.training.config import ConfigError
+
+    if choice == "none":
+        return None
+    if choice == "auto":
+        found = list_checkpoints(output_dir)
+        exported = sorted(Path(output_dir).glob("step_*/hf"))
+        if not found and exported:  # a full fine-tune's folder: its model is a model, not an adapter
+            raise ConfigError(f"adapter=auto: {output_dir} holds full models, not adapters; load the newest with "
+                              f"model={exported[-1]} adapter=none")
+        if not found:
+            return None
+        newest = found[-1]
+        adapter = newest / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            merged = newest / "merged"
+            raise ConfigError(f"adapter=auto: the newest checkpoint {newest} holds no adapter (a full fine-tune); "
+                              + (f"load it with model={merged} adapter=none" if merged.is_dir() else
+                                 "talk to the base model with adapter=none"))
+        trained_on = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if base_model is not None and trained_on != base_model:
+            print(f"not applying {adapter}: it was trained on {trained_on}, not {base_model}")
+            return None
+        return adapter
+    path = Path(choice)
+    path = path / "adapter" if (path / "adapter").is_dir() else path
+    if not (path / "adapter_config.json").is_file():
+        raise ConfigError(f"config key 'adapter' = {choice!r}: no adapter_config.json in {path} "
+                          "(give a PEFT adapter folder, a checkpoint folder holding adapter/, auto or none)")
+    return path

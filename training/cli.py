@@ -61,6 +61,16 @@ def bundled_configs() -> list[str]:
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
 
 
+def own_file_values(config_cls: type, values: dict) -> dict:
+    """A training run's config file as a recipe that reads one (``generate``, ``eval``) takes it: the
+    training options it does not declare (``lr``, ``lora``, ``data``, … — keys some bundled training
+    recipe declares) are dropped; its own keys and any other key are kept, so a typo is still reported."""
+    own = {f.name for f in dataclasses.fields(config_cls)}
+    training = {f.name for name in bundled_recipes() for f in dataclasses.fields(load_recipe(name).Config)
+                if not getattr(load_recipe(name).Config, "reads_training_configs", False)}
+    return {k: v for k, v in values.items() if k in own or k not in training}
+
+
 def _unknown(kind: str, name: str, choices: list[str]) -> ConfigError:
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     hint = f" — did you mean {close[0]}?" if close else ""
@@ -227,8 +237,11 @@ def run(recipe: str, args: list[str]) -> int:
         raise ConfigError(f"{recipe} runs in one process; {' '.join(launch[::2])} needs a distributed recipe "
                           "(lora_distributed, qlora_distributed, dpo_distributed, full_finetune_distributed)")
     config_path = resolve_config_path(config)
+    values = load_yaml(config_path)
+    if getattr(module.Config, "reads_training_configs", False):  # generate, eval: a training run's config file
+        values = own_file_values(module.Config, values)
     with _as_launched(launch):
-        cfg = build_config(module.Config, load_yaml(config_path), overrides, yaml_name=str(config_path))
+        cfg = build_config(module.Config, values, overrides, yaml_name=str(config_path))
         check_environment(cfg)
     if dry_run:
         print(to_yaml(cfg), end="")

@@ -35,10 +35,9 @@ Command-line text is taken verbatim for string options (``prompt=yes`` is the st
 ``tokenizer=null`` clears an optional one); other types parse their text (``lr=1e-4``,
 ``packing=true``, ``lora.targets=[q_proj,v_proj]``). YAML values are checked the same way.
 
-A Config may set ``skips_unknown_file_keys: ClassVar[bool] = True``: keys of the config *file* that
-it does not declare are skipped (``generate`` reads a training run's config this way), while the
-command line is still checked strictly. ``${other.key}`` interpolations in values are resolved
-with OmegaConf, as before.
+``${other.key}`` interpolations in values are resolved with OmegaConf, as before. (A recipe that
+reads a training run's config file, like ``generate``, sets ``reads_training_configs``; ``tune-run``
+then drops the training options from the file before it gets here: see ``cli.own_file_values``.)
 """
 
 from __future__ import annotations
@@ -225,6 +224,8 @@ def _convert(tp: Any, value: Any, cli: bool) -> Any:
     if origin is list:
         if cli and isinstance(value, str):
             value = _cli_list(value)
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # one value for a list option (``logger: wandb``), as on the command line
         if not isinstance(value, (list, tuple)):
             raise _Invalid(f"expects {type_name(base)}, got {value!r} ({type(value).__name__})")
         (item_type,) = typing.get_args(base) or (Any,)
@@ -381,15 +382,15 @@ def _parse_overrides(overrides: list[str]) -> dict:
 class _Builder:
     """One pass over a Config class: merges the sources, converts every value, collects every problem."""
 
-    def __init__(self, yaml_name: str, skip_unknown_file_keys: bool) -> None:
-        self.yaml_name, self.skip_unknown_file_keys = yaml_name, skip_unknown_file_keys
+    def __init__(self, yaml_name: str) -> None:
+        self.yaml_name = yaml_name
         self.errors: list[str] = []
 
     def build(self, cls: type, file_values: Any, cli_values: Any, prefix: str = "") -> Any:
         fields, hints = _fields(cls), _hints(cls)
         for source, values in ((self.yaml_name, file_values), ("the command line", cli_values)):
             for key in values:
-                if key not in fields and not (source == self.yaml_name and self.skip_unknown_file_keys and not prefix):
+                if key not in fields:
                     full = prefix + str(key)
                     valid = _all_keys(cls, prefix)
                     close = difflib.get_close_matches(full, valid, n=1, cutoff=0.6)
@@ -521,7 +522,7 @@ def build_config(cls: type, yaml_values: dict, overrides: list[str], yaml_name: 
         ConfigError: every unknown key (with a suggestion), wrong type, value out of range or not
             allowed, missing value, and what the ``validate`` hooks refuse — in one message.
     """
-    builder = _Builder(yaml_name, getattr(cls, "skips_unknown_file_keys", False))
+    builder = _Builder(yaml_name)
     cfg = builder.build(cls, yaml_values or {}, _parse_overrides(overrides))
     _raise(builder.errors)
     _resolve_interpolations(cfg)

@@ -195,29 +195,33 @@ def completion_logprobs(model: nn.Module, batch: dict[str, Tensor], chunk_size: 
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_rewards(model: nn.Module, tokenizer: Any, val_set: Any, reward_fns: Sequence[Callable[..., list[float]]],
-                     weights: Tensor, names: Sequence[str], *, max_prompts: int, max_new_tokens: int) -> dict[str, Any]:
+                     weights: Tensor, names: Sequence[str], *, max_prompts: int, max_new_tokens: int,
+                     eval_metrics: dict[str, Callable[..., list[float]]] | None = None) -> dict[str, Any]:
     """Mean reward of the greedy answer to each held-out prompt, in total and per function.
 
     Args:
         max_prompts: Evaluate the first this many prompts (0: all).
+        eval_metrics: More scores of the same answers (``eval_metric``; the same contract as a reward).
 
     Returns:
-        ``{"reward": weighted total, "<name>": each function's mean, "sample": (prompt, answer) of
-        the first prompt}``.
+        ``{"reward": weighted total, "<name>": each function's (and eval metric's) mean, "samples":
+        [(prompt, answer), …] for every prompt}``.
     """
     items = [val_set[i] for i in range(len(val_set) if max_prompts <= 0 else min(max_prompts, len(val_set)))]
     groups = sample_groups(model, tokenizer, items, 1, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0)
     rewards = score_groups(reward_fns, groups, val_set.field_names)[:, 0]  # [p, k]
     out: dict[str, Any] = {"reward": float((rewards @ weights).mean())}
     out.update({name: float(rewards[:, j].mean()) for j, name in enumerate(names)})
-    out["sample"] = (items[0]["messages"][-1]["content"], groups[0].texts[0])
+    if eval_metrics:
+        scores = score_groups(list(eval_metrics.values()), groups, val_set.field_names)[:, 0]
+        out.update({name: float(scores[:, j].mean()) for j, name in enumerate(eval_metrics)})
+    out["samples"] = [(item["messages"][-1]["content"], group.texts[0]) for item, group in zip(items, groups)]
     return out
 
 
-def report_rewards(metrics: dict[str, Any], when: str, names: Sequence[str], show_sample: bool = True) -> None:
-    """Print ``held-out reward: X`` (and each function's mean) and, with ``show_sample``, one greedy answer."""
-    parts = ", ".join(f"{name} {metrics[name]:.3f}" for name in names)
+def report_rewards(metrics: dict[str, Any], when: str, show_samples: int) -> None:
+    """Print ``held-out reward: X`` (and every other score's mean) and the first ``show_samples`` greedy answers."""
+    parts = ", ".join(f"{name} {value:.3f}" for name, value in metrics.items() if name not in ("reward", "samples"))
     print(f"held-out reward: {metrics['reward']:.3f} ({when} training); {parts}", flush=True)
-    if show_sample:
-        prompt, answer = metrics["sample"]
+    for prompt, answer in metrics["samples"][:show_samples]:
         print(f"sample prompt: {prompt}\nsample answer ({when}): {answer}", flush=True)

@@ -119,8 +119,35 @@ class LoRAOptions:
 
 
 @dataclass
-class RunOptions:
-    """Options every recipe shares, declared once: a recipe's ``Config`` subclasses this and adds its own.
+class WandbOptions:
+    """Weights & Biases run placement (``logger=wandb``); unset values come from W&B's environment.
+
+    Attributes:
+        project: W&B project; unset: ``WANDB_PROJECT``, else ``tunesmith``.
+        entity: W&B user or team; unset: ``WANDB_ENTITY``, else your default entity.
+    """
+
+    project: str | None = None
+    entity: str | None = None
+
+
+@dataclass
+class MLflowOptions:
+    """MLflow run placement (``logger=mlflow``).
+
+    Attributes:
+        tracking_uri: Tracking server or store URI; unset: ``MLFLOW_TRACKING_URI``, else a local
+            SQLite store in ``output_dir/mlflow`` (``mlflow ui --backend-store-uri sqlite:///...``).
+        experiment: Experiment name; unset: ``MLFLOW_EXPERIMENT_NAME``, else ``tunesmith``.
+    """
+
+    tracking_uri: str | None = None
+    experiment: str | None = None
+
+
+@dataclass
+class ModelOptions:
+    """Which model, on what, and where its outputs go: what every recipe (training or not) needs.
 
     Attributes:
         model: Base model: a local HF folder, a Hub repo id, a ``.gguf`` file, or
@@ -129,11 +156,34 @@ class RunOptions:
         chat_template: Override the tokenizer's chat template: a name from ``data/chat_templates.py``
             (chatml, llama3, llama2, gemma, qwen2_5, qwen3, mistral, phi3, phi4) or a Jinja file
             (base models often ship none).
-        output_dir: Checkpoints, TensorBoard events and final outputs go here. A new run
+        output_dir: Checkpoints, metric logs and final outputs go here. A new training run
             (``resume=false``) refuses a folder that holds an earlier run's checkpoints.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16`` (fp16 is refused: it needs
             loss scaling, which tunesmith does not do).
+    """
+
+    model: ModelSource = MISSING
+    tokenizer: TokenizerSource | None = None
+    chat_template: ChatTemplate | None = None
+    output_dir: OutputDir = "output/run"
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+
+    def validate_environment(self) -> None:
+        sources.check_model_has_tokenizer(self.model, self.tokenizer)
+        sources.check_device_available(self.device)
+
+
+LoggerName = Literal["tensorboard", "wandb", "mlflow", "none"]
+
+
+@dataclass
+class RunOptions(ModelOptions):
+    """Options every training recipe shares, declared once: a recipe's ``Config`` subclasses this and
+    adds its own. The model's come first (``ModelOptions``); then these.
+
+    Attributes:
         seed: Seeds initialisation, dropout and data order.
         batch_size: Examples per micro-batch.
         grad_accum_steps: Micro-batches per optimizer step.
@@ -158,16 +208,23 @@ class RunOptions:
         keep_last: Step checkpoints kept on disk (0: all).
         resume: Continue from the newest checkpoint in ``output_dir``; options that would change
             the data stream or the shapes must equal the checkpoint's (see training/checkpointing.py).
-        sample_max_new_tokens: Length of the before/after sample answer (0: no sample).
-        tensorboard: Write TensorBoard events to ``output_dir/tensorboard``.
+        sample_max_new_tokens: Longest held-out answer in the before/after report (0: answer nothing,
+            so no eval metric and no samples).
+        eval_metric: What the before/after report scores the greedy held-out answers with:
+            ``exact_match``, ``number_match``, ``format_json``, ``json_match``, ``json_all_match`` (the
+            built-in rewards), an import path to your own ``fn(prompts, completions, **record_fields) ->
+            list[float]`` (the reward-function contract; see training/eval_metrics.py), a list of these,
+            or ``none``.
+        eval_examples: Held-out examples answered and scored before and after training (0: all).
+        show_samples: Answers printed in the report.
+        logger: Where metrics go besides the progress bar: ``tensorboard`` (``output_dir/tensorboard``),
+            ``wandb``, ``mlflow``, a list of them (``[tensorboard,wandb]``) or ``none``. Every one gets
+            the same metrics at the same steps, the resolved config, and the outputs (adapter,
+            held-out report) at the end. wandb and mlflow are extras: ``pip install "tunesmith[wandb]"``.
+        wandb: W&B project/entity (see ``WandbOptions``); W&B's own ``WANDB_*`` variables work too.
+        mlflow: MLflow tracking URI/experiment (see ``MLflowOptions``).
     """
 
-    model: ModelSource = MISSING
-    tokenizer: TokenizerSource | None = None
-    chat_template: ChatTemplate | None = None
-    output_dir: OutputDir = "output/run"
-    device: Device = "auto"
-    dtype: Dtype = "auto"
     seed: NonNegativeInt = 0
     batch_size: PositiveInt = 4
     grad_accum_steps: PositiveInt = 1
@@ -186,12 +243,27 @@ class RunOptions:
     keep_last: NonNegativeInt = 2
     resume: bool = False
     sample_max_new_tokens: NonNegativeInt = 48
-    tensorboard: bool = True
+    eval_metric: list[str] = field(default_factory=lambda: ["exact_match"])
+    eval_examples: NonNegativeInt = 30
+    show_samples: NonNegativeInt = 3
+    logger: list[LoggerName] = field(default_factory=lambda: ["tensorboard"])
+    wandb: WandbOptions = field(default_factory=WandbOptions)
+    mlflow: MLflowOptions = field(default_factory=MLflowOptions)
+
+    def validate(self) -> None:
+        from tunesmith.training.eval_metrics import load_eval_metrics
+
+        load_eval_metrics(self.eval_metric)  # a typo'd metric is refused before anything loads
+        if "none" in self.logger and len(self.logger) > 1:
+            raise ConfigError(f"config key 'logger' = {self.logger}: 'none' cannot be combined with other loggers")
 
     def validate_environment(self) -> None:
-        sources.check_model_has_tokenizer(self.model, self.tokenizer)
+        from tunesmith.training.loggers import logger_names, require
+
         sources.check_no_earlier_run(self.output_dir, self.resume)
-        sources.check_device_available(self.device)
+        for name in logger_names(self.logger):  # a missing optional package (wandb, mlflow) names its pip extra
+            if name != "tensorboard":
+                require(name, name)
 
 
 FsdpDtype = Annotated[Literal["fp32", "bf16"], Refuse(fp16=FP16_REFUSED)]

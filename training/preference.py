@@ -376,31 +376,33 @@ def report_preferences(metrics: dict[str, float], when: str) -> None:
 
 
 def preference_report(model: nn.Module, tokenizer: Any, batches: BatchStream, dataset: Any, loss_fn: Any,
-                      reference: Reference | None, device: torch.device, *, when: str, table: Tensor | None = None,
-                      max_batches: int = 0, max_new_tokens: int = 0, env: Any = None) -> dict[str, float]:
-    """Evaluate the held-out pairs, print reward accuracy and margin and (optionally) a sample answer.
+                      reference: Reference | None, device: torch.device, metrics: dict[str, Any], run: Any, *,
+                      when: str, table: Tensor | None = None, env: Any = None) -> Any:
+    """Evaluate the held-out pairs (reward accuracy, margin, loss) and, like every recipe's report,
+    answer held-out prompts greedily and score the answers against the chosen ones.
 
     Args:
+        metrics: ``{name: fn}`` (``load_eval_metrics(cfg.eval_metric)``).
+        run: The recipe's options (``eval_batches``; the answers' options, see ``answer_held_out``).
         env: A distributed run's process group: every rank evaluates its share and joins the
-            sample's forward passes; rank 0 prints.
+            answers' forward passes; rank 0 prints.
 
     Returns:
-        ``evaluate_preferences``'s metrics.
+        A ``HeldOutReport`` whose scores are ``evaluate_preferences``'s metrics and the eval metrics.
     """
     from contextlib import nullcontext
 
-    from tunesmith.training.evaluation import sample_answer
+    from tunesmith.training.evaluation import HeldOutReport, answer_held_out
     from tunesmith.training.process_group import main_rank_prints
 
     with main_rank_prints(env) if env is not None else nullcontext():
-        metrics = evaluate_preferences(model, batches, loss_fn, reference, device, table=table,
-                                       max_batches=max_batches, env=env)
-        report_preferences(metrics, when)
-        if max_new_tokens > 0:
-            answer = sample_answer(model, tokenizer, dataset.prompt_messages(0), max_new_tokens, env)
-            print(f"sample prompt: {dataset.prompt_messages(0)[-1]['content']}\nsample answer ({when}): {answer}",
-                  flush=True)
-    return metrics
+        scores = evaluate_preferences(model, batches, loss_fn, reference, device, table=table,
+                                      max_batches=run.eval_batches, env=env)
+        report_preferences(scores, when)
+        report = HeldOutReport(when, scores=scores, percent=["reward_acc"])
+        if run.sample_max_new_tokens > 0:
+            answer_held_out(model, tokenizer, dataset, metrics, report, run, env)
+    return report
 
 
 def save_full_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,

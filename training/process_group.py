@@ -149,13 +149,14 @@ def eval_slice(batch: dict[str, Tensor], env: DistEnv, ignore_index: int = -100)
     return share
 
 
-def agree_on(value: int, env: DistEnv) -> int:
-    """Rank 0's ``value`` on every rank (generation: every rank continues with the same token)."""
+def agree_on(values: Tensor, env: DistEnv) -> Tensor:
+    """Rank 0's ``values`` on every rank (generation in lockstep: every rank continues with the
+    same tokens, so every rank runs the same forwards)."""
     if not env.sharded:
-        return value
-    t = torch.tensor([value], dtype=torch.long, device=env.device)
+        return values
+    t = values.to(env.device).clone()
     dist.broadcast(t, src=0)
-    return int(t.item())
+    return t.to(values.device)
 
 
 def gather_objects(obj: Any, env: DistEnv) -> list[Any]:

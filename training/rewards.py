@@ -18,7 +18,8 @@ Name functions in the config by import path, with optional weights (default 1 ea
     reward_weights: [1.0, 0.5]
 
 The built-in ones below can also be named by their short names (``exact_match``, ``number_match``,
-``format_json``, ``json_match``). The total reward of a completion is the weighted sum; each function's mean and
+``format_json``, ``json_match``, ``json_all_match``); every training recipe's held-out report scores
+its greedy answers with the same functions (``eval_metric``, training/eval_metrics.py). The total reward of a completion is the weighted sum; each function's mean and
 standard deviation are logged on their own.
 """
 
@@ -63,13 +64,36 @@ def number_match(prompts: list, completions: list[str], answer: list, **_: Any) 
 
 def format_json(prompts: list, completions: list[str], **_: Any) -> list[float]:
     """1.0 when the whole completion parses as one JSON object, else 0.0."""
-    scores = []
-    for c in completions:
-        try:
-            scores.append(float(isinstance(json.loads(c), dict)))
-        except ValueError:
-            scores.append(0.0)
-    return scores
+    return [float(_json_object(c) is not None) for c in completions]
+
+
+def _target_objects(answer: list, name: str) -> list[dict]:
+    """The ``answer`` column as objects (dicts, or their JSON text); one that is not an object means
+    the function does not fit the data (a config error that names it)."""
+    from tunesmith.training.config import ConfigError
+
+    objects = []
+    for i, target in enumerate(answer):
+        obj = target
+        if isinstance(target, str):
+            try:
+                obj = json.loads(target)
+            except ValueError:
+                obj = None
+        if not isinstance(obj, dict):
+            raise ConfigError(f"{name} needs JSON-object answers, but example {i}'s is {str(target)[:80]!r}; "
+                              "choose another reward / eval_metric (e.g. exact_match)")
+        objects.append(obj)
+    return objects
+
+
+def _json_object(text: str) -> dict | None:
+    """The JSON object ``text`` is (whitespace around it allowed), or None."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def json_match(prompts: list, completions: list[str], answer: list, **_: Any) -> list[float]:
@@ -79,22 +103,23 @@ def json_match(prompts: list, completions: list[str], answer: list, **_: Any) ->
     Partial credit (2 of 3 fields right: 0.67) gives the policy a gradient before it is perfect.
     """
     scores = []
-    for c, a in zip(completions, answer):
-        expected = json.loads(a) if isinstance(a, str) else a
-        try:
-            got = json.loads(c)
-        except ValueError:
-            got = None
-        if not isinstance(got, dict) or not expected:
+    for c, expected in zip(completions, _target_objects(answer, "json_match")):
+        got = _json_object(c)
+        if got is None or not expected:
             scores.append(0.0)
             continue
         scores.append(sum(k in got and got[k] == v for k, v in expected.items()) / len(expected))
     return scores
 
 
+def json_all_match(prompts: list, completions: list[str], answer: list, **_: Any) -> list[float]:
+    """1.0 when every field of the ``answer`` object is right in the completion (see ``json_match``), else 0.0."""
+    return [float(s == 1.0) for s in json_match(prompts, completions, answer)]
+
+
 # Names a config can use; anything else is an import path to your own function.
 REWARDS: dict[str, RewardFn] = {"exact_match": exact_match, "number_match": number_match, "format_json": format_json,
-                                "json_match": json_match}
+                                "json_match": json_match, "json_all_match": json_all_match}
 
 
 def build_rewards(names: Sequence[str], weights: Sequence[float], field_names: set[str]) -> tuple[list[RewardFn], Tensor]:
