@@ -55,8 +55,9 @@ class Config(RunOptions):
         data: Training / held-out examples (see ``DataOptions``); the loss is taken on their
             labelled (answer) tokens.
         lora: The student's adapters (see ``LoRAOptions``); unused when ``full``.
-        teacher: The frozen teacher: a local HF folder (e.g. a merged checkpoint), Hub id, ``.gguf``
-            or ``package:MODULE/FILE``; it must share the student's tokenizer.
+        teacher: The frozen teacher: a LoRA checkpoint folder (``OUTPUT_DIR/step_N``: the run's base
+            with its adapter merged), a local HF folder (e.g. a merged checkpoint), Hub id, ``.gguf`` or
+            ``package:MODULE/FILE``; it must share the student's tokenizer.
         teacher_tokenizer: The teacher's tokenizer when its folder has none of its own (default: the
             teacher's, or else the student's; both are checked against the student's).
         teacher_quantize: Store the teacher's linear layers in NF4 (about 4x less memory for it).

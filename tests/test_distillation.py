@@ -162,6 +162,37 @@ def test_nf4_teacher_is_quantized_and_still_teaches(tiny_llama_dir, teacher_dir,
     assert result["held_out_after"]["kl"] < 0.9 * result["held_out_before"]["kl"]
 
 
+def test_lora_checkpoint_teacher_is_its_base_with_the_adapter_merged(tiny_llama_dir, teacher_dir, tmp_path):
+    """teacher=OUTPUT_DIR/step_N (what a LoRA run writes) loads the run's base and folds the adapter in."""
+    from tunesmith.data import load_tokenizer
+    from tunesmith.models import load_peft_adapter, save_peft_adapter
+    from tunesmith.models.lora import apply_lora, merge_lora
+    from tunesmith.training.distillation import load_teacher
+
+    cpu = torch.device("cpu")
+    trained = load_pretrained(str(teacher_dir), dtype=torch.float32, device=cpu)
+    apply_lora(trained, ["q_proj", "v_proj"], rank=4, alpha=8.0)
+    for name, p in trained.named_parameters():
+        if "lora_b" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a non-zero update, so the merge is visible in the logits
+    step = tmp_path / "run" / "step_000003"
+    save_peft_adapter(trained, step / "adapter", base_model="recorded-but-overridden", rank=4, alpha=8.0,
+                      dropout=0.0, targets=["q_proj", "v_proj"])
+    (step / "config.yaml").write_text(f"model: {teacher_dir}\n")
+    student = load_pretrained(str(tiny_llama_dir), dtype=torch.float32, device=cpu)
+    teacher = load_teacher(str(step), None, student, load_tokenizer(str(tiny_llama_dir)), torch.float32, cpu)
+
+    expected = load_peft_adapter(load_pretrained(str(teacher_dir), dtype=torch.float32, device=cpu), step / "adapter")
+    merge_lora(expected)
+    base = load_pretrained(str(teacher_dir), dtype=torch.float32, device=cpu)
+    tokens = torch.randint(0, student.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want, plain = teacher(tokens), expected(tokens), base(tokens)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-2  # the adapter did change the teacher
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
 def test_resume_after_stop_is_exact(tiny_llama_dir, teacher_dir, tiny_data, tmp_path, monkeypatch):
     kw = dict(max_steps=6, save_every=3, kd_ratio=0.5, **{"lora.dropout": 0.1})
     full = recipe.main(make_cfg(tiny_llama_dir, teacher_dir, tiny_data, tmp_path / "full", **kw))
@@ -189,6 +220,8 @@ def test_teacher_with_another_vocabulary_or_missing_is_refused(tiny_llama_dir, t
     assert "tune-run lora_single_device --config smollm2_135m save_merged=true" in message
     assert message.endswith("save_merged=true")  # 60 is that config's max_steps: no override needed
     assert "max_steps=20" in missing_teacher_message("output/smollm2_135m/step_000020/merged")
+    checkpoint = missing_teacher_message("output/smollm2_135m/step_000060")  # the KD demo's teacher: the LoRA demo
+    assert checkpoint.endswith("tune-run lora_single_device --config smollm2_135m") and "save_merged" not in checkpoint
 
 
 def test_unknown_key_bad_loss_args_and_dry_run(tiny_llama_dir, teacher_dir, tiny_data, tmp_path, capsys):

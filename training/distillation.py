@@ -19,28 +19,30 @@ from tunesmith.training.losses import IGNORE_INDEX, CrossEntropyLoss
 
 
 def missing_teacher_message(source: str) -> str:
-    """What to run when ``source`` names a tunesmith checkpoint's ``merged`` folder that is not there yet.
+    """What to run when ``source`` names a tunesmith checkpoint (``OUTPUT_DIR/step_N`` or its ``merged``
+    folder) that is not there yet.
 
-    ``OUTPUT_DIR/step_N/merged`` is what ``save_merged=true`` writes; when a bundled config has
-    that ``output_dir``, the message names the command that trains it.
+    When a bundled config has that ``output_dir``, the message names the command that trains it.
     """
     path = Path(source)
-    if path.name != "merged" or not path.parent.name.startswith("step_"):
-        return (f"teacher={source} does not exist: give a local HF model folder, a .gguf file, "
-                "a Hub repo id or package:MODULE/FILE")
+    step_dir = path.parent if path.name == "merged" else path
+    if not step_dir.name.startswith("step_") or not step_dir.name.removeprefix("step_").isdigit():
+        return (f"teacher={source} does not exist: give a LoRA checkpoint folder (OUTPUT_DIR/step_N), a local HF "
+                "model folder, a .gguf file, a Hub repo id or package:MODULE/FILE")
     import yaml
 
     from tunesmith.training.cli import CONFIGS_DIR
 
-    output_dir, steps = path.parent.parent, int(path.parent.name.removeprefix("step_"))
+    output_dir, steps = step_dir.parent, int(step_dir.name.removeprefix("step_"))
+    merged = " save_merged=true" if path.name == "merged" else ""
     for config in sorted(CONFIGS_DIR.glob("*.yaml")):
         values = yaml.safe_load(config.read_text()) or {}
         if Path(str(values.get("output_dir", ""))) == output_dir:
             extra = "" if values.get("max_steps") == steps else f" max_steps={steps}"
-            return (f"teacher={source} does not exist yet; it is the merged model the bundled config {config.stem} "
-                    f"writes. Train it first:\n  tune-run lora_single_device --config {config.stem} save_merged=true{extra}")
-    return (f"teacher={source} does not exist yet; it is the merged model a run with output_dir={output_dir} writes "
-            f"at step {steps} with save_merged=true: run that training first")
+            return (f"teacher={source} does not exist yet; it is the checkpoint the bundled config {config.stem} "
+                    f"writes. Train it first:\n  tune-run lora_single_device --config {config.stem}{merged}{extra}")
+    return (f"teacher={source} does not exist yet; it is the checkpoint a run with output_dir={output_dir} writes "
+            f"at step {steps}{' with save_merged=true' if merged else ''}: run that training first")
 
 
 def check_teacher_exists(source: str) -> str:
@@ -58,12 +60,38 @@ def check_teacher_exists(source: str) -> str:
     return resolved
 
 
+def teacher_adapter(source: str) -> Path | None:
+    """The PEFT adapter folder when ``source`` is a LoRA checkpoint (``step_N/`` holding ``adapter/``, or the
+    adapter folder itself); ``None`` for a model."""
+    for folder in (Path(source), Path(source) / "adapter"):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    return None
+
+
+def adapter_base(adapter: Path) -> str:
+    """The base model an adapter was trained on: its run's ``config.yaml`` ``model``, else the adapter's
+    recorded ``base_model_name_or_path``."""
+    import json
+
+    import yaml
+
+    run = adapter.parent / "config.yaml"
+    model = (yaml.safe_load(run.read_text()) or {}).get("model") if run.is_file() else None
+    base = model or json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"teacher: the adapter {adapter} names no base model (no config.yaml beside it and no "
+                          "base_model_name_or_path): give a merged model folder instead")
+    return str(base)
+
+
 def load_teacher(source: str, tokenizer_source: str | None, student: nn.Module, student_tokenizer: Any, dtype: torch.dtype,
                  device: torch.device, quantize: bool = False, probe_texts: tuple[str, ...] = ()) -> nn.Module:
     """The frozen teacher, after checking it shares the student's vocabulary.
 
     Args:
-        source: Local HF folder, Hub id, ``.gguf`` file or ``package:MODULE/FILE``.
+        source: A LoRA checkpoint folder (``OUTPUT_DIR/step_N``: its base with the adapter merged), a
+            local HF folder, Hub id, ``.gguf`` file or ``package:MODULE/FILE``.
         tokenizer_source: The teacher's tokenizer when it is not beside its weights; ``None``: the
             teacher's own, if its folder has one (a merged checkpoint of a GGUF base has none, and is
             then taken to use the student's: the vocabulary sizes are still compared).
@@ -78,13 +106,19 @@ def load_teacher(source: str, tokenizer_source: str | None, student: nn.Module, 
         ConfigError: A missing teacher (naming the command that writes it, when it is a tunesmith
             checkpoint) or a vocabulary that differs from the student's.
     """
-    from tunesmith.models import load_pretrained
-    from tunesmith.models.lora import LORA_TARGETS
+    from tunesmith.models import load_peft_adapter, load_pretrained
+    from tunesmith.models.lora import LORA_TARGETS, merge_lora
     from tunesmith.training.setup import load_tokenizer_with_template, resolve_source
 
     resolved = check_teacher_exists(source)
     nf4_targets = [t for t in LORA_TARGETS if t != "output"] if quantize else []
-    teacher = load_pretrained(resolved, dtype=dtype, device=device, nf4_targets=nf4_targets)
+    adapter = teacher_adapter(resolved)
+    weights = resolve_source(adapter_base(adapter)) if adapter else resolved
+    teacher = load_pretrained(weights, dtype=dtype, device=device, nf4_targets=nf4_targets)
+    if adapter is not None:  # a LoRA checkpoint: its base with the adapter folded in (kept beside an NF4 base)
+        load_peft_adapter(teacher, adapter)
+        if not quantize:
+            merge_lora(teacher)
     teacher.eval().requires_grad_(False)
 
     v_student, v_teacher = student.config.vocab_size, teacher.config.vocab_size
@@ -92,7 +126,7 @@ def load_teacher(source: str, tokenizer_source: str | None, student: nn.Module, 
         raise ConfigError(f"teacher {source} has a vocabulary of {v_teacher} tokens, the student {v_student}: "
                           "distillation compares the two next-token distributions token by token, so both models "
                           "must use the same tokenizer (pick a teacher of the student's family)")
-    own = tokenizer_source or resolved
+    own = tokenizer_source or (adapter_base(adapter) if adapter else resolved)
     has_tokenizer = (not Path(own).is_dir()) or any((Path(own) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
     if has_tokenizer:
         teacher_tokenizer = load_tokenizer_with_template(resolve_source(own))
