@@ -1,0 +1,215 @@
+"""GGUF out for Qwen2/2.5, Qwen3, Mistral and Phi-3/Phi-4-mini, on tiny random models with LoRA folded in.
+
+The references: transformers' GGUF loader (``from_pretrained(dir, gguf_file=...)``) must read our f32 file
+back to our merged model's logits, and its GGUF tokenizer must encode like the tokenizer we exported;
+our own loader must read it back too. Where transformers' loader cannot express a feature (Phi-3's
+partial rotary and LongRoPE: it reads neither), our loader and the file's metadata are checked instead.
+Each family's tokenizer is built the way its release spells it: Qwen's byte-level BPE with Qwen's
+split regex and ChatML, Mistral's SentencePiece model with ``[INST]``, Phi-3's SentencePiece-style
+``tokenizer.json`` (byte fallback, a ``▁``-prepending normalizer) with ``<|user|>`` / ``<|end|>``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import gguf
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from export_helpers import assert_same_tokenizer, with_lora  # noqa: E402
+from family_helpers import make_hf  # noqa: E402
+from test_family_chat_templates import PHI_SPECIALS, QWEN3_SPECIALS  # noqa: E402
+from test_tokenizer import CHATML_SPECIALS, build_bpe_dir, build_spm_dir  # noqa: E402
+
+from tunesmith.data import chat_templates, load_tokenizer  # noqa: E402
+from tunesmith.data.gguf_vocab import gguf_tokenizer_metadata  # noqa: E402
+from tunesmith.data.modelfile import modelfile  # noqa: E402
+from tunesmith.models import llama_hf, load_pretrained, mistral_builders, mistral_hf, phi3_builders, phi3_hf, qwen_builders, qwen_hf  # noqa: E402
+from tunesmith.models.gguf_loader import read_metadata  # noqa: E402
+from tunesmith.models.gguf_writer import save_gguf  # noqa: E402
+
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+PAD_ROWS = 5  # embedding rows past the tokenizer's vocabulary, as Qwen2.5's and Phi-3's releases have
+
+
+def qwen_tokenizer_dir(path, kind):
+    """A byte-level BPE with Qwen2's tokenizer.json pre-tokenizer, ChatML specials and Qwen's template."""
+    specials = QWEN3_SPECIALS if kind == "qwen3" else CHATML_SPECIALS
+    build_bpe_dir(path, specials, None, "<|im_end|>", chat_templates.get(kind), config_extra={"pad_token": "<|endoftext|>"})
+    spec = json.loads((path / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": QWEN_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    return path
+
+
+def phi3_tokenizer_dir(path):
+    """Phi-3-mini's tokenizer.json shape: a SentencePiece BPE with byte fallback, ``▁`` prepended by the
+    normalizer (no pre-tokenizer), the chat markers added as special tokens after the pieces."""
+    spm_dir = build_spm_dir(path / "spm")
+    ref = transformers.AutoTokenizer.from_pretrained(spm_dir)
+    ref.add_special_tokens({"additional_special_tokens": PHI_SPECIALS})
+    ref.save_pretrained(path / "json")
+    spec = json.loads((path / "json" / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                              {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    spec["pre_tokenizer"] = None
+    (path / "json" / "tokenizer.json").write_text(json.dumps(spec))
+    for stale in ("tokenizer.model", "chat_template.jinja"):  # the SentencePiece model, Llama 2's template
+        (path / "json" / stale).unlink(missing_ok=True)
+    (path / "json" / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<unk>", "chat_template": chat_templates.get("phi3")}))
+    return path / "json"
+
+
+# family → (tiny HF case, config changes, tokenizer, LoRA targets, transformers' loader reads it)
+FAMILIES = {
+    "qwen2": ("qwen2_bias_gqa", {}, "qwen2_5", ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "output"], True),
+    # transformers' GGUF loader reads no head_dim for qwen3 (it takes its default, 128)
+    "qwen3": ("qwen3_tied", {"head_dim": 128}, "qwen3", ["q_proj", "v_proj", "gate_proj", "down_proj"], True),
+    "mistral": ("mistral_v03", {}, "mistral", ["q_proj", "k_proj", "o_proj", "down_proj", "output"], True),
+    "phi3": ("phi3_sliding", {"sliding_window": None}, "phi3", ["qkv_proj", "gate_up_proj", "o_proj", "output"], True),
+    # Phi-4-mini's features: partial rotary, LongRoPE, a tied head; transformers reads neither of the first two
+    "phi3_longrope": ("phi3_partial_longrope", {}, "phi3", ["qkv_proj", "gate_up_proj", "down_proj"], False),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("family_tokenizers")
+    return {"qwen2_5": qwen_tokenizer_dir(base / "qwen2_5", "qwen2_5"), "qwen3": qwen_tokenizer_dir(base / "qwen3", "qwen3"),
+            "mistral": build_spm_dir(base / "mistral", template=chat_templates.get("mistral")),
+            "phi3": phi3_tokenizer_dir(base / "phi3")}
+
+
+@pytest.fixture(scope="module")
+def exported(tokenizer_dirs, tmp_path_factory):
+    """family → (merged model, tokenizer, tokens, f32 GGUF path): each model with its LoRA folded in, exported once."""
+    out = {}
+    for family, (case, changes, tok_kind, targets, _) in FAMILIES.items():
+        folder = tmp_path_factory.mktemp(family)
+        tok = load_tokenizer(str(tokenizer_dirs[tok_kind]))
+        hf = make_hf(case, vocab_size=tok.vocab_size + PAD_ROWS, **changes)
+        hf.save_pretrained(folder / "hf")
+        model = with_lora(load_pretrained(str(folder / "hf")), targets)
+        tokens = torch.randint(3, tok.vocab_size, (2, 29), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert (model(tokens) - hf(tokens).logits).abs().max() > 1e-2  # the adapters matter
+        name = "Mistral tiny" if family == "mistral" else f"{family} tiny"  # transformers reads "mistral" in the name
+        path = save_gguf(model, folder / "gguf" / "model-f32.gguf", "f32", name=name,
+                         tokenizer=gguf_tokenizer_metadata(tok, model.config.vocab_size))
+        out[family] = model, tok, tokens, path
+    return out
+
+
+def diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_f32_gguf_reads_back_to_the_merged_logits_in_transformers_and_ours(family, exported):
+    model, _, tokens, path = exported[family]
+    with torch.no_grad():
+        merged = model(tokens)
+        back = load_pretrained(str(path))
+        assert diff(back(tokens), merged) <= 1e-5
+        if FAMILIES[family][4]:
+            ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            assert diff(ref.eval()(tokens).logits, merged) <= 1e-4
+    assert back.config.tie_embeddings == model.config.tie_embeddings
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "phi3"])
+def test_transformers_reads_our_gguf_tokenizer_as_the_original(family, exported, tokenizer_dirs):
+    _, tok, _, path = exported[family]
+    theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    reference = transformers.AutoTokenizer.from_pretrained(tokenizer_dirs[FAMILIES[family][2]])
+    assert_same_tokenizer(theirs, tok, reference, decode_like_reference=family == "mistral")
+
+
+def test_gguf_metadata_names_each_familys_tokenizer_and_end_of_turn(exported):
+    expected = {  # family → (architecture, tokenizer model, pre-tokenizer, end-of-turn token)
+        "qwen2": ("qwen2", "gpt2", "qwen2", "<|im_end|>"), "qwen3": ("qwen3", "gpt2", "qwen2", "<|im_end|>"),
+        "mistral": ("llama", "llama", "default", "</s>"), "phi3": ("phi3", "llama", "default", "<|end|>"),
+    }
+    for family, (arch, model, pre, end) in expected.items():
+        _, tok, _, path = exported[family]
+        meta = read_metadata(gguf.GGUFReader(path))
+        tokens = meta["tokenizer.ggml.tokens"]
+        assert (meta["general.architecture"], meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == (arch, model, pre)
+        assert tokens[meta.get("tokenizer.ggml.eot_token_id", meta["tokenizer.ggml.eos_token_id"])] == end, family
+        assert meta["tokenizer.chat_template"] == tok.chat_template
+        assert len(tokens) == meta[f"{arch}.vocab_size"] == tok.vocab_size + PAD_ROWS
+    phi = read_metadata(gguf.GGUFReader(exported["phi3"][3]))
+    assert phi["tokenizer.ggml.add_space_prefix"] is True  # Phi-3's normalizer prepends "▁", as llama.cpp's SPM does
+
+
+def test_phi3_longrope_partial_rotary_and_fused_tensors_are_written_as_llama_cpp_reads_them(exported):
+    model, _, _, path = exported["phi3_longrope"]
+    reader = gguf.GGUFReader(path)
+    meta, tensors = read_metadata(reader), {t.name: t for t in reader.tensors}
+    cfg = model.config
+    assert meta["phi3.rope.dimension_count"] == cfg.rotary_dim == 6
+    assert meta["phi3.rope.scaling.original_context_length"] == 16
+    assert meta["phi3.rope.scaling.attn_factor"] == pytest.approx(cfg.attention_factor)
+    assert tensors["rope_factors_long.weight"].data.tolist() == cfg.rope_scaling["long_factor"]
+    assert list(tensors["blk.0.attn_qkv.weight"].shape) == [48, (4 + 2 * 2) * 12]  # [in, out], fused [q | k | v]
+    assert list(tensors["blk.0.ffn_up.weight"].shape) == [48, 2 * cfg.intermediate_size]  # fused [gate | up]
+    assert "output.weight" not in tensors and "blk.0.attn_q.weight" not in tensors
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_q8_0_reads_back_within_its_rounding(family, exported, tmp_path):
+    model, tok, tokens, _ = exported[family]
+    path = save_gguf(model, tmp_path / "model-q8_0.gguf", "q8_0", tokenizer=gguf_tokenizer_metadata(tok, model.config.vocab_size))
+    with torch.no_grad():
+        merged, ours = model(tokens), load_pretrained(str(path))(tokens)
+    # Measured (logits: std ≈ 1.0, max |logit| ≈ 4.5): max |Δ| qwen2 0.011, qwen3 0.053, mistral 0.068,
+    # phi3 0.0067, phi3_longrope 0.012 -- about 1.5% of the largest logit at most.
+    assert 0 < diff(ours, merged) <= 0.1
+
+
+def test_configs_llama_cpp_cannot_run_are_refused_or_warned():
+    with pytest.raises(ValueError, match="sliding window"):
+        qwen_hf.config_to_gguf(qwen_hf.config_from_hf(make_hf("qwen2_tied_sliding").config.to_dict()))
+    with pytest.raises(ValueError, match="head_dim"):
+        phi3_hf.config_to_gguf(phi3_builders.phi3_mini_4k(head_dim=64))
+    with pytest.warns(UserWarning, match="4096"):
+        assert mistral_hf.config_to_gguf(mistral_builders.mistral_7b_v0_1())["general.architecture"] == "llama"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mistral_hf.config_to_gguf(mistral_builders.mistral_7b())
+
+
+@pytest.mark.parametrize("builder,family", [(qwen_builders.qwen3_0_6b, qwen_hf), (qwen_builders.qwen2_5_7b, qwen_hf),
+                                            (mistral_builders.mistral_7b, mistral_hf), (phi3_builders.phi4_mini, phi3_hf)])
+def test_real_size_configs_survive_gguf_metadata(builder, family):
+    cfg = builder()
+    meta = family.config_to_gguf(cfg) | {"tokenizer.ggml.bos_token_id": cfg.bos_token_id,
+                                         "tokenizer.ggml.eos_token_id": cfg.eos_token_id}
+    meta.update({name.removesuffix(".weight"): t for name, t in family.extra_gguf_tensors(cfg).items()})
+    back = (llama_hf if family is mistral_hf else family).config_from_gguf(meta)  # llama.cpp's Mistral is "llama"
+    fields = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "head_dim",
+              "norm_eps", "rope_theta", "max_seq_len")
+    assert [getattr(back, f) for f in fields] == [getattr(cfg, f) for f in fields]
+    if family is phi3_hf:
+        assert (back.rotary_dim, back.sliding_window, back.attention_factor) == (cfg.rotary_dim, cfg.sliding_window, cfg.attention_factor)
+        assert back.rope_scaling["long_factor"] == pytest.approx(cfg.rope_scaling["long_factor"])
+
+
+@pytest.mark.parametrize("family,template,stops", [
+    ("qwen2", "<|im_start|>assistant", ["<|im_end|>", "<|endoftext|>"]),
+    ("mistral", "[INST]", ["</s>"]),
+    ("phi3", "<|assistant|>", ["<|endoftext|>", "<|end|>"]),
+])
+def test_modelfile_has_each_familys_template_and_stops(family, template, stops, exported):
+    text = modelfile(exported[family][1], "model-f32.gguf")
+    assert template in text.split('TEMPLATE """')[1]
+    assert [line.split('"')[1] for line in text.splitlines() if line.startswith("PARAMETER stop")] == stops
