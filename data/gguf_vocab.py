@@ -26,7 +26,7 @@ from tunesmith.data.tokenizer_files import adds_bos_eos, is_sentencepiece
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 # llama.cpp's pre-tokenizer names whose splitting gguf_tokenizer rebuilds, tried in this order.
-KNOWN_PRE = ("gpt2", "smollm", "llama-bpe", "qwen2")
+KNOWN_PRE = ("gpt2", "smollm", "llama-bpe", "qwen2", "tekken", "gpt-4o")
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 SPECIAL_SCORE = -1000.0  # what llama.cpp's converter gives control/user-defined/padding pieces
 
@@ -91,6 +91,10 @@ def _pre_name(pre_tokenizer: dict[str, Any] | None) -> str:
 
     def canonical(d: Any) -> Any:
         if isinstance(d, dict):
+            if d.get("type") == "Split" and d.get("behavior") == "Removed" and d.get("invert"):
+                # Keeping only the matches (tiktoken conversions) = isolating them, since these patterns
+                # match every character (each ends in ``\s+`` after a catch-all for punctuation).
+                d = {**d, "behavior": "Isolated", "invert": False}
             return {k: canonical(v) for k, v in d.items() if k != "trim_offsets"}
         if isinstance(d, list):
             return [canonical(v) for v in d]

@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 from export_helpers import assert_same_tokenizer, with_lora  # noqa: E402
 from family_helpers import make_hf  # noqa: E402
-from test_family_chat_templates import PHI_SPECIALS, QWEN3_SPECIALS  # noqa: E402
+from test_family_chat_templates import MISTRAL_SPECIALS, PHI_SPECIALS, QWEN3_SPECIALS  # noqa: E402
 from test_tokenizer import CHATML_SPECIALS, build_bpe_dir, build_spm_dir  # noqa: E402
 
 from tunesmith.data import chat_templates, load_tokenizer  # noqa: E402
@@ -32,21 +32,38 @@ from tunesmith.models import llama_hf, load_pretrained, mistral_builders, mistra
 from tunesmith.models.gguf_loader import read_metadata  # noqa: E402
 from tunesmith.models.gguf_writer import save_gguf  # noqa: E402
 
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-              r"|\s+(?!\S)|\s+")
 PAD_ROWS = 5  # embedding rows past the tokenizer's vocabulary, as Qwen2.5's and Phi-3's releases have
 
 
-def qwen_tokenizer_dir(path, kind):
-    """A byte-level BPE with Qwen2's tokenizer.json pre-tokenizer, ChatML specials and Qwen's template."""
-    specials = QWEN3_SPECIALS if kind == "qwen3" else CHATML_SPECIALS
-    build_bpe_dir(path, specials, None, "<|im_end|>", chat_templates.get(kind), config_extra={"pad_token": "<|endoftext|>"})
+def byte_level_dir(path, specials, bos, eos, template, split, behavior="Isolated", **extra):
+    """A byte-level BPE whose tokenizer.json splits text with ``split`` (the family's release regex)."""
+    from tunesmith.data.gguf_tokenizer import _pre_tokenizer
+
+    build_bpe_dir(path, specials, bos, eos, template, **extra)
     spec = json.loads((path / "tokenizer.json").read_text())
     spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": QWEN_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "Split", "pattern": {"Regex": split}, "behavior": behavior, "invert": behavior == "Removed"},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
     (path / "tokenizer.json").write_text(json.dumps(spec))
     return path
+
+
+def byte_level_tokenizer_dirs(base):
+    """Qwen2.5 / Qwen3 (ChatML, Qwen's split), Mistral NeMo (Tekken's split, BOS by the post-processor) and
+    Phi-4-mini (o200k's split as tiktoken conversions spell it: keep the matches, drop the rest)."""
+    from tunesmith.data.gguf_tokenizer import _GPT4O_SPLIT, _QWEN2_SPLIT, _TEKKEN_SPLIT
+
+    pad = {"config_extra": {"pad_token": "<|endoftext|>"}}
+    return {
+        "qwen2_5": byte_level_dir(base / "qwen2_5", CHATML_SPECIALS, None, "<|im_end|>", chat_templates.get("qwen2_5"),
+                                  _QWEN2_SPLIT, **pad),
+        "qwen3": byte_level_dir(base / "qwen3", QWEN3_SPECIALS, None, "<|im_end|>", chat_templates.get("qwen3"),
+                                _QWEN2_SPLIT, **pad),
+        "tekken": byte_level_dir(base / "tekken", MISTRAL_SPECIALS, "<s>", "</s>", chat_templates.get("mistral"),
+                                 _TEKKEN_SPLIT, bos_post_processor=True),
+        "phi4": byte_level_dir(base / "phi4", PHI_SPECIALS, None, "<|endoftext|>", chat_templates.get("phi4"),
+                               _GPT4O_SPLIT, "Removed", **pad),
+    }
 
 
 def phi3_tokenizer_dir(path):
@@ -76,17 +93,18 @@ FAMILIES = {
     "qwen3": ("qwen3_tied", {"head_dim": 128}, "qwen3", ["q_proj", "v_proj", "gate_proj", "down_proj"], True),
     "mistral": ("mistral_v03", {}, "mistral", ["q_proj", "k_proj", "o_proj", "down_proj", "output"], True),
     "phi3": ("phi3_sliding", {"sliding_window": None}, "phi3", ["qkv_proj", "gate_up_proj", "o_proj", "output"], True),
-    # Phi-4-mini's features: partial rotary, LongRoPE, a tied head; transformers reads neither of the first two
-    "phi3_longrope": ("phi3_partial_longrope", {}, "phi3", ["qkv_proj", "gate_up_proj", "down_proj"], False),
+    # Phi-4-mini: partial rotary, LongRoPE (transformers' GGUF loader reads neither), a tied head, o200k tokens
+    "phi4_mini": ("phi3_partial_longrope", {}, "phi4", ["qkv_proj", "gate_up_proj", "down_proj"], False),
+    # Mistral NeMo's shape: head_dim 16 ≠ 40 / 4, the Tekken tokenizer
+    "mistral_nemo": ("mistral_v03", {}, "tekken", ["q_proj", "v_proj", "gate_proj"], True),
 }
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dirs(tmp_path_factory):
     base = tmp_path_factory.mktemp("family_tokenizers")
-    return {"qwen2_5": qwen_tokenizer_dir(base / "qwen2_5", "qwen2_5"), "qwen3": qwen_tokenizer_dir(base / "qwen3", "qwen3"),
-            "mistral": build_spm_dir(base / "mistral", template=chat_templates.get("mistral")),
-            "phi3": phi3_tokenizer_dir(base / "phi3")}
+    return {**byte_level_tokenizer_dirs(base), "phi3": phi3_tokenizer_dir(base / "phi3"),
+            "mistral": build_spm_dir(base / "mistral", template=chat_templates.get("mistral"))}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +120,7 @@ def exported(tokenizer_dirs, tmp_path_factory):
         tokens = torch.randint(3, tok.vocab_size, (2, 29), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             assert (model(tokens) - hf(tokens).logits).abs().max() > 1e-2  # the adapters matter
-        name = "Mistral tiny" if family == "mistral" else f"{family} tiny"  # transformers reads "mistral" in the name
+        name = f"{family} tiny".capitalize()  # transformers' loader takes a "llama" named Mistral… as Mistral
         path = save_gguf(model, folder / "gguf" / "model-f32.gguf", "f32", name=name,
                          tokenizer=gguf_tokenizer_metadata(tok, model.config.vocab_size))
         out[family] = model, tok, tokens, path
@@ -126,7 +144,7 @@ def test_f32_gguf_reads_back_to_the_merged_logits_in_transformers_and_ours(famil
     assert back.config.tie_embeddings == model.config.tie_embeddings
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "phi3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_transformers_reads_our_gguf_tokenizer_as_the_original(family, exported, tokenizer_dirs):
     _, tok, _, path = exported[family]
     theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -138,6 +156,7 @@ def test_gguf_metadata_names_each_familys_tokenizer_and_end_of_turn(exported):
     expected = {  # family → (architecture, tokenizer model, pre-tokenizer, end-of-turn token)
         "qwen2": ("qwen2", "gpt2", "qwen2", "<|im_end|>"), "qwen3": ("qwen3", "gpt2", "qwen2", "<|im_end|>"),
         "mistral": ("llama", "llama", "default", "</s>"), "phi3": ("phi3", "llama", "default", "<|end|>"),
+        "mistral_nemo": ("llama", "gpt2", "tekken", "</s>"), "phi4_mini": ("phi3", "gpt2", "gpt-4o", "<|end|>"),
     }
     for family, (arch, model, pre, end) in expected.items():
         _, tok, _, path = exported[family]
@@ -152,7 +171,7 @@ def test_gguf_metadata_names_each_familys_tokenizer_and_end_of_turn(exported):
 
 
 def test_phi3_longrope_partial_rotary_and_fused_tensors_are_written_as_llama_cpp_reads_them(exported):
-    model, _, _, path = exported["phi3_longrope"]
+    model, _, _, path = exported["phi4_mini"]
     reader = gguf.GGUFReader(path)
     meta, tensors = read_metadata(reader), {t.name: t for t in reader.tensors}
     cfg = model.config
@@ -172,7 +191,7 @@ def test_q8_0_reads_back_within_its_rounding(family, exported, tmp_path):
     with torch.no_grad():
         merged, ours = model(tokens), load_pretrained(str(path))(tokens)
     # Measured (logits: std ≈ 1.0, max |logit| ≈ 4.5): max |Δ| qwen2 0.011, qwen3 0.053, mistral 0.068,
-    # phi3 0.0067, phi3_longrope 0.012 -- about 1.5% of the largest logit at most.
+    # phi3 0.0067, phi4_mini 0.012 -- about 1.5% of the largest logit at most.
     assert 0 < diff(ours, merged) <= 0.1
 
 
