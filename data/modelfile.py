@@ -130,8 +130,8 @@ def modelfile(tokenizer: Tokenizer, gguf_name: str) -> str:
     lines = [f"FROM ./{gguf_name}"]
     fmt = chat_format(tokenizer)
     if fmt is None:
-        lines.append("# no TEMPLATE: this chat template is none of ChatML / Llama 3 / Gemma / Mistral / Phi, so Ollama uses the "
-                     "GGUF's own tokenizer.chat_template if it recognises it")
+        lines.append("# no TEMPLATE: this chat template is none of ChatML / Llama 3 / Gemma / Mistral / Phi, so Ollama "
+                     "uses the GGUF's own tokenizer.chat_template if it recognises it")
     else:
         lines.append(f'TEMPLATE """{GO_TEMPLATES[fmt]}"""')
         system = default_system_prompt(tokenizer, fmt)

@@ -1,8 +1,8 @@
 """Phi-3 / Phi-4-mini ↔ Hugging Face and Phi-3 ↔ GGUF: fused names, partial rotary, LongRoPE.
 
 The Phi-3 counterpart of ``models/llama_hf.py`` (same functions, the GGUF writer's included) for
-``model_type: "phi3"`` and the ``phi3`` GGUF architecture. Our parameters are the checkpoint's tensors one to one, fused ones
-included: HF ``self_attn.qkv_proj`` / ``mlp.gate_up_proj`` are llama.cpp's ``attn_qkv`` /
+``model_type: "phi3"`` and the ``phi3`` GGUF architecture. Our parameters are the checkpoint's tensors
+one to one, fused ones included: HF ``self_attn.qkv_proj`` / ``mlp.gate_up_proj`` are llama.cpp's ``attn_qkv`` /
 ``ffn_up`` (the gate half first), stored unpermuted (llama.cpp runs Phi-3 with "rotate half" RoPE).
 
 GGUF keeps what HF keeps in config.json elsewhere: the rotated dimensions in
@@ -166,7 +166,8 @@ def config_to_gguf(cfg: Phi3Config) -> dict[str, Any]:
     """
     if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
         raise ValueError(f"head_dim={cfg.head_dim} with {cfg.num_heads} heads: llama.cpp's phi3 takes head_dim = "
-                         f"hidden_size / num_heads = {cfg.hidden_size / cfg.num_heads}, so the file would run a different model")
+                         f"hidden_size / num_heads = {cfg.hidden_size / cfg.num_heads}, so the file would run a "
+                         "different model")
     meta = gguf_shape_metadata("phi3", cfg)
     meta["phi3.rope.dimension_count"] = cfg.rotary_dim
     meta["phi3.attention.sliding_window"] = cfg.sliding_window or 0

@@ -28,17 +28,19 @@ from test_tokenizer import CHATML_SPECIALS, build_bpe_dir, build_spm_dir  # noqa
 from tunesmith.data import chat_templates, load_tokenizer  # noqa: E402
 from tunesmith.data.gguf_vocab import gguf_tokenizer_metadata  # noqa: E402
 from tunesmith.data.modelfile import modelfile  # noqa: E402
-from tunesmith.models import llama_hf, load_pretrained, mistral_builders, mistral_hf, phi3_builders, phi3_hf, qwen_builders, qwen_hf  # noqa: E402
-from tunesmith.models.gguf_loader import read_metadata  # noqa: E402
+from tunesmith.models import (  # noqa: E402
+    llama_hf, load_pretrained, mistral_builders, mistral_hf, phi3_builders, phi3_hf, qwen_builders, qwen_hf,
+)
+from tunesmith.models.gguf_loader import dequantize_tensor, read_metadata  # noqa: E402
 from tunesmith.models.gguf_writer import save_gguf  # noqa: E402
+from tunesmith.models.hf_checkpoint import family_of  # noqa: E402
+from tunesmith.models.merged_weights import iter_merged_tensors, merged_config  # noqa: E402
 
 PAD_ROWS = 5  # embedding rows past the tokenizer's vocabulary, as Qwen2.5's and Phi-3's releases have
 
 
 def byte_level_dir(path, specials, bos, eos, template, split, behavior="Isolated", **extra):
     """A byte-level BPE whose tokenizer.json splits text with ``split`` (the family's release regex)."""
-    from tunesmith.data.gguf_tokenizer import _pre_tokenizer
-
     build_bpe_dir(path, specials, bos, eos, template, **extra)
     spec = json.loads((path / "tokenizer.json").read_text())
     spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
@@ -74,8 +76,8 @@ def phi3_tokenizer_dir(path):
     ref.add_special_tokens({"additional_special_tokens": PHI_SPECIALS})
     ref.save_pretrained(path / "json")
     spec = json.loads((path / "json" / "tokenizer.json").read_text())
-    spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
-                                                              {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
     spec["pre_tokenizer"] = None
     (path / "json" / "tokenizer.json").write_text(json.dumps(spec))
     for stale in ("tokenizer.model", "chat_template.jinja"):  # the SentencePiece model, Llama 2's template
@@ -86,17 +88,22 @@ def phi3_tokenizer_dir(path):
     return path / "json"
 
 
+# Widths the quantized types' 32-value blocks divide (a row they do not divide stays F16, as in llama.cpp).
+BLOCKS = {"hidden_size": 64, "intermediate_size": 64}
 # family → (tiny HF case, config changes, tokenizer, LoRA targets, transformers' loader reads it)
 FAMILIES = {
-    "qwen2": ("qwen2_bias_gqa", {}, "qwen2_5", ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "output"], True),
+    "qwen2": ("qwen2_bias_gqa", BLOCKS, "qwen2_5", ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "output"], True),
     # transformers' GGUF loader reads no head_dim for qwen3 (it takes its default, 128)
-    "qwen3": ("qwen3_tied", {"head_dim": 128}, "qwen3", ["q_proj", "v_proj", "gate_proj", "down_proj"], True),
-    "mistral": ("mistral_v03", {}, "mistral", ["q_proj", "k_proj", "o_proj", "down_proj", "output"], True),
-    "phi3": ("phi3_sliding", {"sliding_window": None}, "phi3", ["qkv_proj", "gate_up_proj", "o_proj", "output"], True),
-    # Phi-4-mini: partial rotary, LongRoPE (transformers' GGUF loader reads neither), a tied head, o200k tokens
-    "phi4_mini": ("phi3_partial_longrope", {}, "phi4", ["qkv_proj", "gate_up_proj", "down_proj"], False),
-    # Mistral NeMo's shape: head_dim 16 ≠ 40 / 4, the Tekken tokenizer
-    "mistral_nemo": ("mistral_v03", {}, "tekken", ["q_proj", "v_proj", "gate_proj"], True),
+    "qwen3": ("qwen3_tied", {**BLOCKS, "head_dim": 128}, "qwen3", ["q_proj", "v_proj", "gate_proj", "down_proj"], True),
+    "mistral": ("mistral_v03", BLOCKS, "mistral", ["q_proj", "k_proj", "o_proj", "down_proj", "output"], True),
+    "phi3": ("phi3_sliding", {**BLOCKS, "sliding_window": None}, "phi3", ["qkv_proj", "gate_up_proj", "o_proj", "output"],
+             True),
+    # Phi-4-mini: partial rotary (6 of 12 dims), LongRoPE (transformers' GGUF loader reads neither), a tied
+    # head, o200k tokens
+    "phi4_mini": ("phi3_partial_longrope", {**BLOCKS, "hidden_size": 96, "num_attention_heads": 8}, "phi4",
+                  ["qkv_proj", "gate_up_proj", "down_proj"], False),
+    # Mistral NeMo's shape: head_dim 16 ≠ 64 / 4, the Tekken tokenizer
+    "mistral_nemo": ("mistral_v03", BLOCKS, "tekken", ["q_proj", "v_proj", "gate_proj"], True),
 }
 
 
@@ -109,7 +116,7 @@ def tokenizer_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(tokenizer_dirs, tmp_path_factory):
-    """family → (merged model, tokenizer, tokens, f32 GGUF path): each model with its LoRA folded in, exported once."""
+    """family → (merged model, tokenizer, tokens, f32 GGUF path): each model with LoRA folded in, exported once."""
     out = {}
     for family, (case, changes, tok_kind, targets, _) in FAMILIES.items():
         folder = tmp_path_factory.mktemp(family)
@@ -120,8 +127,7 @@ def exported(tokenizer_dirs, tmp_path_factory):
         tokens = torch.randint(3, tok.vocab_size, (2, 29), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             assert (model(tokens) - hf(tokens).logits).abs().max() > 1e-2  # the adapters matter
-        name = f"{family} tiny".capitalize()  # transformers' loader takes a "llama" named Mistral… as Mistral
-        path = save_gguf(model, folder / "gguf" / "model-f32.gguf", "f32", name=name,
+        path = save_gguf(model, folder / "gguf" / "model-f32.gguf", "f32", name=f"{family} tiny",
                          tokenizer=gguf_tokenizer_metadata(tok, model.config.vocab_size))
         out[family] = model, tok, tokens, path
     return out
@@ -131,17 +137,24 @@ def diff(a, b) -> float:
     return (a - b).abs().max().item()
 
 
+def transformers_gguf(path):
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return ref.eval()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_f32_gguf_reads_back_to_the_merged_logits_in_transformers_and_ours(family, exported):
     model, _, tokens, path = exported[family]
     with torch.no_grad():
         merged = model(tokens)
-        back = load_pretrained(str(path))
-        assert diff(back(tokens), merged) <= 1e-5
+        ours = load_pretrained(str(path))
+        back = ours(tokens)
+        assert diff(back, merged) <= 1e-4  # (merged weights vs. base + LoRA: float rounding only)
         if FAMILIES[family][4]:
-            ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-            assert diff(ref.eval()(tokens).logits, merged) <= 1e-4
-    assert back.config.tie_embeddings == model.config.tie_embeddings
+            theirs = transformers_gguf(path)(tokens).logits
+            assert diff(theirs, merged) <= 1e-4
+            assert diff(theirs, back) <= 1e-5  # the same weights, read by two loaders
+    assert ours.config.tie_embeddings == model.config.tie_embeddings
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -162,7 +175,8 @@ def test_gguf_metadata_names_each_familys_tokenizer_and_end_of_turn(exported):
         _, tok, _, path = exported[family]
         meta = read_metadata(gguf.GGUFReader(path))
         tokens = meta["tokenizer.ggml.tokens"]
-        assert (meta["general.architecture"], meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == (arch, model, pre)
+        assert (meta["general.architecture"], meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == \
+            (arch, model, pre), family
         assert tokens[meta.get("tokenizer.ggml.eot_token_id", meta["tokenizer.ggml.eos_token_id"])] == end, family
         assert meta["tokenizer.chat_template"] == tok.chat_template
         assert len(tokens) == meta[f"{arch}.vocab_size"] == tok.vocab_size + PAD_ROWS
@@ -179,20 +193,35 @@ def test_phi3_longrope_partial_rotary_and_fused_tensors_are_written_as_llama_cpp
     assert meta["phi3.rope.scaling.original_context_length"] == 16
     assert meta["phi3.rope.scaling.attn_factor"] == pytest.approx(cfg.attention_factor)
     assert tensors["rope_factors_long.weight"].data.tolist() == cfg.rope_scaling["long_factor"]
-    assert list(tensors["blk.0.attn_qkv.weight"].shape) == [48, (4 + 2 * 2) * 12]  # [in, out], fused [q | k | v]
-    assert list(tensors["blk.0.ffn_up.weight"].shape) == [48, 2 * cfg.intermediate_size]  # fused [gate | up]
+    assert list(tensors["blk.0.attn_qkv.weight"].shape) == [96, (8 + 2 * 2) * 12]  # [in, out], fused [q | k | v]
+    assert list(tensors["blk.0.ffn_up.weight"].shape) == [96, 2 * cfg.intermediate_size]  # fused [gate | up]
     assert "output.weight" not in tensors and "blk.0.attn_q.weight" not in tensors
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_q8_0_reads_back_within_its_rounding(family, exported, tmp_path):
+def test_q8_0_holds_each_merged_weight_within_half_a_step_and_reads_back_close(family, exported, tmp_path):
     model, tok, tokens, _ = exported[family]
-    path = save_gguf(model, tmp_path / "model-q8_0.gguf", "q8_0", tokenizer=gguf_tokenizer_metadata(tok, model.config.vocab_size))
+    vocab = gguf_tokenizer_metadata(tok, model.config.vocab_size)
+    path = save_gguf(model, tmp_path / "model-q8_0.gguf", "q8_0", tokenizer=vocab)
+    stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    table, cfg = family_of(model), merged_config(model)
+    names = table.ours_to_gguf(cfg)
+    for ours, w in iter_merged_tensors(model):  # every 2-D weight is Q8_0: 32 values share a scale amax / 127
+        t = stored[names[ours]]
+        if len(t.shape) == 1:
+            continue
+        assert t.tensor_type.name == "Q8_0", names[ours]
+        w = table.to_gguf_tensor(ours, w, cfg).float().reshape(-1, 32)
+        step = w.abs().amax(dim=1, keepdim=True) / 127
+        error = (dequantize_tensor(t).reshape(-1, 32) - w).abs()
+        # half a step, plus the scale's rounding to fp16 (2^-11 relative) times |q| ≤ 127
+        assert (error <= (0.5 + 127 * 2**-11) * step + 1e-7).all(), names[ours]
     with torch.no_grad():
         merged, ours = model(tokens), load_pretrained(str(path))(tokens)
-    # Measured (logits: std ≈ 1.0, max |logit| ≈ 4.5): max |Δ| qwen2 0.011, qwen3 0.053, mistral 0.068,
-    # phi3 0.0067, phi4_mini 0.012 -- about 1.5% of the largest logit at most.
-    assert 0 < diff(ours, merged) <= 0.1
+    # Measured (logits: std 1.1-1.6, max |logit| 4.8-7.4): max |Δ| qwen2 0.22, qwen3 0.11, mistral 0.21, phi3 0.31,
+    # phi4_mini 0.51, mistral_nemo 0.26: these random 3-layer models amplify weight noise (q8_0 is 0.6% of a
+    # weight's std); 0.15 of the largest logit bounds every family.
+    assert 0 < diff(ours, merged) <= 0.15 * merged.abs().max().item()
 
 
 def test_configs_llama_cpp_cannot_run_are_refused_or_warned():
@@ -207,8 +236,9 @@ def test_configs_llama_cpp_cannot_run_are_refused_or_warned():
         mistral_hf.config_to_gguf(mistral_builders.mistral_7b())
 
 
-@pytest.mark.parametrize("builder,family", [(qwen_builders.qwen3_0_6b, qwen_hf), (qwen_builders.qwen2_5_7b, qwen_hf),
-                                            (mistral_builders.mistral_7b, mistral_hf), (phi3_builders.phi4_mini, phi3_hf)])
+@pytest.mark.parametrize("builder,family", [
+    (qwen_builders.qwen3_0_6b, qwen_hf), (qwen_builders.qwen2_5_7b, qwen_hf), (mistral_builders.mistral_7b, mistral_hf),
+    (phi3_builders.phi3_mini_4k, phi3_hf), (phi3_builders.phi4_mini, phi3_hf)])
 def test_real_size_configs_survive_gguf_metadata(builder, family):
     cfg = builder()
     meta = family.config_to_gguf(cfg) | {"tokenizer.ggml.bos_token_id": cfg.bos_token_id,
@@ -219,8 +249,10 @@ def test_real_size_configs_survive_gguf_metadata(builder, family):
               "norm_eps", "rope_theta", "max_seq_len")
     assert [getattr(back, f) for f in fields] == [getattr(cfg, f) for f in fields]
     if family is phi3_hf:
-        assert (back.rotary_dim, back.sliding_window, back.attention_factor) == (cfg.rotary_dim, cfg.sliding_window, cfg.attention_factor)
-        assert back.rope_scaling["long_factor"] == pytest.approx(cfg.rope_scaling["long_factor"])
+        assert (back.rotary_dim, back.sliding_window, back.attention_factor) == \
+            (cfg.rotary_dim, cfg.sliding_window, cfg.attention_factor)
+        if cfg.rope_scaling:
+            assert back.rope_scaling["long_factor"] == pytest.approx(cfg.rope_scaling["long_factor"])
 
 
 @pytest.mark.parametrize("family,template,stops", [
@@ -232,3 +264,34 @@ def test_modelfile_has_each_familys_template_and_stops(family, template, stops, 
     text = modelfile(exported[family][1], "model-f32.gguf")
     assert template in text.split('TEMPLATE """')[1]
     assert [line.split('"')[1] for line in text.splitlines() if line.startswith("PARAMETER stop")] == stops
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_export_recipe_writes_each_familys_gguf_and_modelfile_from_an_adapter(family, tokenizer_dirs, tmp_path):
+    """An adapter + HF base (tokenizer beside the weights), as a LoRA run leaves it; Phi-3's on its fused layers."""
+    import shutil
+
+    import yaml
+
+    from tunesmith.models import save_peft_adapter
+    from tunesmith.recipes import export
+    from tunesmith.training.config import build_config
+
+    case, changes, tok_kind, targets, _ = FAMILIES[family]
+    base = tmp_path / "base"
+    shutil.copytree(tokenizer_dirs[tok_kind], base)
+    tok = load_tokenizer(str(base))
+    make_hf(case, vocab_size=tok.vocab_size + PAD_ROWS, **changes).save_pretrained(base)
+    model = with_lora(load_pretrained(str(base)), targets[:2])
+    step = tmp_path / "run" / "step_000004"
+    save_peft_adapter(model, step / "adapter", base_model=str(base), rank=4, alpha=8.0, dropout=0.0,
+                      targets=targets[:2])
+    (step / "config.yaml").write_text(yaml.safe_dump({"model": str(base), "lora": {"rank": 4, "targets": targets[:2]}}))
+    export.main(build_config(export.Config, {}, [f"checkpoint={step}", "gguf=[f32]", "merged=false"]))
+    path = step / "export" / "gguf" / "model-f32.gguf"
+    tokens = torch.randint(3, tok.vocab_size, (1, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert diff(transformers_gguf(path)(tokens).logits, model(tokens)) <= 1e-4
+    text = (path.parent / "Modelfile").read_text()
+    assert {"qwen2": "<|im_start|>assistant\n", "phi3": "<|assistant|>\n"}[family] in text
+    assert {"qwen2": 'SYSTEM """You are Qwen', "phi3": 'PARAMETER stop "<|end|>"'}[family] in text
