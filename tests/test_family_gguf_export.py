@@ -20,14 +20,14 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from export_helpers import assert_same_tokenizer, with_lora  # noqa: E402
+from export_helpers import TEXTS, assert_same_tokenizer, with_lora  # noqa: E402
 from family_helpers import make_hf  # noqa: E402
 from test_family_chat_templates import MISTRAL_SPECIALS, PHI_SPECIALS, QWEN3_SPECIALS  # noqa: E402
 from test_tokenizer import CHATML_SPECIALS, build_bpe_dir, build_spm_dir  # noqa: E402
 
 from tunesmith.data import chat_templates, load_tokenizer  # noqa: E402
 from tunesmith.data.gguf_vocab import gguf_tokenizer_metadata  # noqa: E402
-from tunesmith.data.modelfile import modelfile  # noqa: E402
+from tunesmith.data.modelfile import chat_format, modelfile  # noqa: E402
 from tunesmith.models import (  # noqa: E402
     llama_hf, load_pretrained, mistral_builders, mistral_hf, phi3_builders, phi3_hf, qwen_builders, qwen_hf,
 )
@@ -163,6 +163,9 @@ def test_transformers_reads_our_gguf_tokenizer_as_the_original(family, exported,
     theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     reference = transformers.AutoTokenizer.from_pretrained(tokenizer_dirs[FAMILIES[family][2]])
     assert_same_tokenizer(theirs, tok, reference, decode_like_reference=family == "mistral")
+    ours = load_tokenizer(str(path))  # and our own GGUF tokenizer reads it back (Tekken's, o200k's splits too)
+    assert [ours.encode(text) for text in TEXTS] == [tok.encode(text) for text in TEXTS]
+    assert ours.chat_template == tok.chat_template
 
 
 def test_gguf_metadata_names_each_familys_tokenizer_and_end_of_turn(exported):
@@ -295,3 +298,13 @@ def test_export_recipe_writes_each_familys_gguf_and_modelfile_from_an_adapter(fa
     text = (path.parent / "Modelfile").read_text()
     assert {"qwen2": "<|im_start|>assistant\n", "phi3": "<|assistant|>\n"}[family] in text
     assert {"qwen2": 'SYSTEM """You are Qwen', "phi3": 'PARAMETER stop "<|end|>"'}[family] in text
+
+
+def test_llama2_inst_format_is_not_taken_for_mistrals(exported):
+    tok = exported["mistral"][1]
+    tok.chat_template, template = chat_templates.get("llama2"), tok.chat_template
+    try:
+        assert chat_format(tok) is None  # [INST] <<SYS>>: no Go template here, so none is written
+    finally:
+        tok.chat_template = template
+    assert chat_format(tok) == "mistral"
