@@ -12,7 +12,6 @@ window) runs there as every published v0.1 GGUF does: the same model up to a con
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from tunesmith.models import llama_hf
@@ -57,10 +56,8 @@ def config_to_gguf(cfg: MistralConfig) -> dict[str, Any]:
     """GGUF metadata for ``cfg``: Llama's (``general.architecture = "llama"``), as llama.cpp converts Mistral.
 
     Warns when the model has a sliding window shorter than its context: llama.cpp's ``llama`` has no
-    window, so the file gives the same outputs only while the context fits in the window.
+    window, so the file gives the same outputs only while the context fits in the window (as every
+    Mistral-7B-v0.1 GGUF does).
     """
-    if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_seq_len:
-        warnings.warn(f"sliding_window={cfg.sliding_window}: llama.cpp runs Mistral as 'llama', which attends to the "
-                      f"whole context, so the GGUF file matches this model for contexts up to {cfg.sliding_window} "
-                      "tokens (as every Mistral-7B-v0.1 GGUF does)", stacklevel=2)
+    llama_hf.warn_window_not_run("Mistral (as 'llama')", cfg)
     return llama_hf.config_to_gguf(cfg)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from tunesmith.models.llama_hf import (
     check_supported, gguf_fields, gguf_get, gguf_names, gguf_shape_metadata, hf_names, llama_config_json, llama_fields,
+    warn_window_not_run,
 )
 from tunesmith.models.phi3 import Phi3Config
 
@@ -161,6 +162,9 @@ def config_to_gguf(cfg: Phi3Config) -> dict[str, Any]:
     ``attention.sliding_window`` (0: none), and LongRoPE adds its original context and attention
     factor here and its two factor tables as tensors (``extra_gguf_tensors``).
 
+    llama.cpp reads the window but does not apply it to Phi-3 for now (its "Phi SWA is currently
+    disabled"), so a window shorter than the context (Phi-3-mini-4k's 2047) is written with a warning.
+
     Raises:
         ValueError: a ``head_dim`` other than hidden_size / num_heads, which llama.cpp's phi3 assumes.
     """
@@ -168,6 +172,7 @@ def config_to_gguf(cfg: Phi3Config) -> dict[str, Any]:
         raise ValueError(f"head_dim={cfg.head_dim} with {cfg.num_heads} heads: llama.cpp's phi3 takes head_dim = "
                          f"hidden_size / num_heads = {cfg.hidden_size / cfg.num_heads}, so the file would run a "
                          "different model")
+    warn_window_not_run("Phi-3", cfg)
     meta = gguf_shape_metadata("phi3", cfg)
     meta["phi3.rope.dimension_count"] = cfg.rotary_dim
     meta["phi3.attention.sliding_window"] = cfg.sliding_window or 0

@@ -20,7 +20,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from export_helpers import TEXTS, assert_same_tokenizer, with_lora  # noqa: E402
+from export_helpers import CHAT, TEXTS, assert_same_tokenizer, with_lora  # noqa: E402
 from family_helpers import make_hf  # noqa: E402
 from test_family_chat_templates import MISTRAL_SPECIALS, PHI_SPECIALS, QWEN3_SPECIALS  # noqa: E402
 from test_tokenizer import CHATML_SPECIALS, build_bpe_dir, build_spm_dir  # noqa: E402
@@ -96,8 +96,8 @@ FAMILIES = {
     # transformers' GGUF loader reads no head_dim for qwen3 (it takes its default, 128)
     "qwen3": ("qwen3_tied", {**BLOCKS, "head_dim": 128}, "qwen3", ["q_proj", "v_proj", "gate_proj", "down_proj"], True),
     "mistral": ("mistral_v03", BLOCKS, "mistral", ["q_proj", "k_proj", "o_proj", "down_proj", "output"], True),
-    "phi3": ("phi3_sliding", {**BLOCKS, "sliding_window": None}, "phi3", ["qkv_proj", "gate_up_proj", "o_proj", "output"],
-             True),
+    "phi3": ("phi3_sliding", {**BLOCKS, "sliding_window": None}, "phi3",
+             ["qkv_proj", "gate_up_proj", "o_proj", "output"], True),
     # Phi-4-mini: partial rotary (6 of 12 dims), LongRoPE (transformers' GGUF loader reads neither), a tied
     # head, o200k tokens
     "phi4_mini": ("phi3_partial_longrope", {**BLOCKS, "hidden_size": 96, "num_attention_heads": 8}, "phi4",
@@ -232,16 +232,20 @@ def test_configs_llama_cpp_cannot_run_are_refused_or_warned():
         qwen_hf.config_to_gguf(qwen_hf.config_from_hf(make_hf("qwen2_tied_sliding").config.to_dict()))
     with pytest.raises(ValueError, match="head_dim"):
         phi3_hf.config_to_gguf(phi3_builders.phi3_mini_4k(head_dim=64))
-    with pytest.warns(UserWarning, match="4096"):
+    with pytest.warns(UserWarning, match="up to 4096 tokens"):
         assert mistral_hf.config_to_gguf(mistral_builders.mistral_7b_v0_1())["general.architecture"] == "llama"
+    with pytest.warns(UserWarning, match="up to 2047 tokens"):
+        assert phi3_hf.config_to_gguf(phi3_builders.phi3_mini_4k())["phi3.attention.sliding_window"] == 2047
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mistral_hf.config_to_gguf(mistral_builders.mistral_7b())
+        phi3_hf.config_to_gguf(phi3_builders.phi4_mini())  # its window (262,144) exceeds its context
 
 
 @pytest.mark.parametrize("builder,family", [
     (qwen_builders.qwen3_0_6b, qwen_hf), (qwen_builders.qwen2_5_7b, qwen_hf), (mistral_builders.mistral_7b, mistral_hf),
     (phi3_builders.phi3_mini_4k, phi3_hf), (phi3_builders.phi4_mini, phi3_hf)])
+@pytest.mark.filterwarnings("ignore:sliding_window=2047")  # Phi-3-mini-4k's window, checked above
 def test_real_size_configs_survive_gguf_metadata(builder, family):
     cfg = builder()
     meta = family.config_to_gguf(cfg) | {"tokenizer.ggml.bos_token_id": cfg.bos_token_id,
@@ -308,3 +312,49 @@ def test_llama2_inst_format_is_not_taken_for_mistrals(exported):
     finally:
         tok.chat_template = template
     assert chat_format(tok) == "mistral"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_runs_our_gguf_to_the_merged_logits_and_tokenizes_like_the_original(family, exported):
+    """llama.cpp itself, through llama-cpp-python where it is installed (a source build: ``pip install
+    llama-cpp-python diskcache``); skipped elsewhere. The KV cache is kept in f32 so only the file differs."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, tok, tokens, path = exported[family]
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, type_k=0, type_v=0, n_threads=2, verbose=False)
+    llm.eval(tokens[0].tolist())
+    with torch.no_grad():
+        assert diff(torch.tensor(llm.scores[: tokens.shape[1]]), model(tokens)[0]) <= 1e-4
+    # llama.cpp's SentencePiece tokenizer (Mistral, Phi-3) adds its "▁" by rules of its own: before text that
+    # already starts with a space (SentencePiece does not) and only after the first of the special tokens
+    # in a chat (a tokenizer.json normaliser adds it after each); no GGUF key changes that, so for these
+    # vocabularies the plain texts are compared, and the rest where the vocabulary is byte-level.
+    spm = FAMILIES[family][2] in ("mistral", "phi3")
+    for text in TEXTS + [tok.render_chat(CHAT, add_generation_prompt=True)]:
+        if not (spm and (text[:1].isspace() or "<" in text)):
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text), text
+    ends = {llm.detokenize([i], special=True).decode() for i in (llm.token_eos(), llm._model.token_eot()) if i >= 0}
+    assert ends == {tok.eos_token} | {t for t in ("<|im_end|>", "<|end|>") if tok.token_to_id(t) is not None}
+    llm.close()
+
+
+@pytest.mark.parametrize("case", ["phi3_sliding", "qwen3_qk_norm"])
+def test_llama_cpp_runs_what_transformers_gguf_loader_cannot(case, tokenizer_dirs, tmp_path):
+    """Qwen3's head_dim 12 ≠ 40 / 4 (transformers reads no head_dim from GGUF), and Phi-3's 9-token window,
+    which llama.cpp reads but does not apply ("Phi SWA is currently disabled"): the same logits while the
+    context fits in the window, and the writer warns."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tok = load_tokenizer(str(tokenizer_dirs["qwen2_5"]))
+    make_hf(case, vocab_size=tok.vocab_size).save_pretrained(tmp_path / "hf")
+    model = load_pretrained(str(tmp_path / "hf"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vocab = gguf_tokenizer_metadata(tok, tok.vocab_size)
+        path = save_gguf(model, tmp_path / "model-f32.gguf", "f32", tokenizer=vocab)
+    fits = 9 if case == "phi3_sliding" else 29
+    assert [str(w.message)[:18] for w in caught] == (["sliding_window=9: "] if case == "phi3_sliding" else [])
+    tokens = torch.randint(3, tok.vocab_size, (1, 29), generator=torch.Generator().manual_seed(3))
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, type_k=0, type_v=0, n_threads=2, verbose=False)
+    llm.eval(tokens[0].tolist())
+    with torch.no_grad():
+        assert diff(torch.tensor(llm.scores[:fits]), model(tokens)[0, :fits]) <= 1e-4
+    llm.close()
