@@ -13,7 +13,8 @@ them and hand everything to a ``tokenizers`` BPE with byte fallback, the same co
   user-defined ones (4: Gemma's ``\\n`` runs, HTML tags) plain added tokens, both matched whole;
 * Gemma writes a space as "▁" everywhere (normaliser, no prefix space) and stores its pieces made
   only of spaces with real spaces ("  "), which we respell as "▁▁" so they are reachable;
-  Llama 2 instead prefixes the first word with "▁" (``Metaspace``) and strips it on decode.
+  Llama 2 instead prefixes the first word with "▁" (``Metaspace``) and strips it on decode, and
+  Phi-3 prefixes the whole text with it (a normaliser, as its tokenizer.json does).
 """
 
 from __future__ import annotations
@@ -104,9 +105,14 @@ def tokenizer_from_gguf_spm(reader: Any) -> Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
     else:
         add_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement=SPACE, prepend_scheme="first" if add_prefix else "never", split=False
-        )
+        if arch == "phi3" and add_prefix:
+            # Phi-3's tokenizer.json (and llama.cpp) prepend "▁" even to text that starts with a space,
+            # where Metaspace would not: "  hi" is "▁▁▁hi".
+            tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+        else:
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(
+                replacement=SPACE, prepend_scheme="first" if add_prefix else "never", split=False
+            )
         if add_prefix:
             decode_steps.append(decoders.Strip(content=" ", left=1))
     tok.decoder = decoders.Sequence(decode_steps)

@@ -3,7 +3,7 @@
 llama.cpp stores the vocabulary under ``tokenizer.ggml.*``:
 
     model       "gpt2" = byte-level BPE (SmolLM2, Llama 3, Qwen) | "llama" = SentencePiece (Llama 2, Gemma)
-    pre         how text is split before BPE ("smollm", "llama-bpe", "qwen2", ...)
+    pre         how text is split before BPE ("smollm", "llama-bpe", "qwen2", "tekken", "gpt-4o", ...)
     tokens      the vocabulary, id order; byte-level tokens already spelled in GPT-2's byte alphabet
     token_type  1 normal, 2 unknown, 3 control (special), 4 user-defined, 5 unused, 6 byte
     merges      "a b" pairs, best first
@@ -32,6 +32,18 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Mistral's Tekken (Mistral NeMo, Small 3, …: model_type "mistral"): case-aware words, single digits.
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# OpenAI's o200k (llama.cpp's "gpt-4o"; Phi-4-mini's tokenizer): Tekken's words with contractions, 3-digit numbers.
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def gguf_field(reader, key: str, default: Any = None) -> Any:
@@ -51,7 +63,7 @@ def _pre_tokenizer(pre: str | None):
         # SmolLM2's tokenizer.json: every digit is its own pre-token, then GPT-2's split.
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     split = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
-             "qwen2": _QWEN2_SPLIT}.get(pre)
+             "qwen2": _QWEN2_SPLIT, "tekken": _TEKKEN_SPLIT, "gpt-4o": _GPT4O_SPLIT}.get(pre)
     if split is None:
         warnings.warn(f"GGUF tokenizer.ggml.pre={pre!r} is not known here; splitting text with GPT-2's regex. "
                       "Add its pattern to tunesmith/data/gguf_tokenizer.py if tokens differ from llama.cpp's.")

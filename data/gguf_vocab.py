@@ -6,7 +6,8 @@ The inverse of ``gguf_tokenizer.py`` / ``gguf_spm_tokenizer.py``, in llama.cpp's
     SentencePiece-style BPE (Gemma,     model "llama": tokens in id order, scores (merge priority:
       Llama 2)                            higher merges first), no merges list
     both                                token types (1 normal, 2 unknown, 3 control, 4 user-defined,
-                                          5 unused, 6 byte), special ids, add_bos/add_eos, chat template
+                                          5 unused, 6 byte), special ids (BOS, EOS, end of turn, padding),
+                                          add_bos/add_eos, chat template
 
 When the tokenizer came from a GGUF file, that file's ``tokenizer.*`` entries are the most faithful
 source (llama.cpp's SentencePiece tokenizer reads the original scores, which a rebuilt vocabulary only
@@ -20,12 +21,12 @@ import json
 import re
 from typing import Any
 
-from tunesmith.data.tokenizer import Tokenizer
+from tunesmith.data.tokenizer import END_OF_TURN_TOKENS, Tokenizer
 from tunesmith.data.tokenizer_files import adds_bos_eos, is_sentencepiece
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 # llama.cpp's pre-tokenizer names whose splitting gguf_tokenizer rebuilds, tried in this order.
-KNOWN_PRE = ("gpt2", "smollm", "llama-bpe", "qwen2")
+KNOWN_PRE = ("gpt2", "smollm", "llama-bpe", "qwen2", "tekken", "gpt-4o")
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 SPECIAL_SCORE = -1000.0  # what llama.cpp's converter gives control/user-defined/padding pieces
 
@@ -71,7 +72,10 @@ def _special_ids(tokenizer: Tokenizer) -> dict[str, Any]:
     """BOS/EOS/padding ids and whether ``encode`` adds BOS/EOS, as llama.cpp's keys."""
     add_bos, add_eos = adds_bos_eos(tokenizer)
     meta: dict[str, Any] = {"tokenizer.ggml.add_bos_token": add_bos, "tokenizer.ggml.add_eos_token": add_eos}
-    for key, value in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id),
+    # End of turn: what ends an assistant reply in the chat format (<|im_end|>, <|end|>, ...), which can
+    # differ from EOS (Phi-3's <|endoftext|>); llama.cpp stops generating at either.
+    eot = next((i for i in map(tokenizer.token_to_id, END_OF_TURN_TOKENS) if i is not None), None)
+    for key, value in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("eot", eot),
                        ("padding", tokenizer.token_to_id(tokenizer.pad_token))):
         if value is not None:
             meta[f"tokenizer.ggml.{key}_token_id"] = value
@@ -87,6 +91,10 @@ def _pre_name(pre_tokenizer: dict[str, Any] | None) -> str:
 
     def canonical(d: Any) -> Any:
         if isinstance(d, dict):
+            if d.get("type") == "Split" and d.get("behavior") == "Removed" and d.get("invert"):
+                # Keeping only the matches (tiktoken conversions) = isolating them, since these patterns
+                # match every character (each ends in ``\s+`` after a catch-all for punctuation).
+                d = {**d, "behavior": "Isolated", "invert": False}
             return {k: canonical(v) for k, v in d.items() if k != "trim_offsets"}
         if isinstance(d, list):
             return [canonical(v) for v in d]
@@ -135,8 +143,7 @@ def _from_tokenizers(tokenizer: Tokenizer) -> dict[str, Any]:
         meta["tokenizer.ggml.scores"] = [
             float(-i) if k == NORMAL else 0.0 if k == BYTE else SPECIAL_SCORE for i, k in enumerate(types)
         ]
-        pre = spec.get("pre_tokenizer") or {}
-        meta["tokenizer.ggml.add_space_prefix"] = pre.get("type") == "Metaspace" and pre.get("prepend_scheme") != "never"
+        meta["tokenizer.ggml.add_space_prefix"] = _prepends_space(spec)
     else:
         meta["tokenizer.ggml.model"] = "gpt2"
         meta["tokenizer.ggml.pre"] = _pre_name(spec.get("pre_tokenizer"))
@@ -144,6 +151,17 @@ def _from_tokenizers(tokenizer: Tokenizer) -> dict[str, Any]:
     if unk is not None and unk in model["vocab"]:
         meta["tokenizer.ggml.unknown_token_id"] = model["vocab"][unk]
     return meta | _special_ids(tokenizer)
+
+
+def _prepends_space(spec: dict[str, Any]) -> bool:
+    """Whether a SentencePiece-style ``tokenizer.json`` puts "▁" in front of the text (llama.cpp's
+    ``add_space_prefix``): by a Metaspace pre-tokenizer (Llama 2 as transformers saves it) or by a
+    ``Prepend("▁")`` normalizer (Phi-3's and Mistral's released files, which have no pre-tokenizer)."""
+    pre = spec.get("pre_tokenizer") or {}
+    normalizer = spec.get("normalizer") or {}
+    steps = [normalizer, *normalizer.get("normalizers", [])]
+    return (pre.get("type") == "Metaspace" and pre.get("prepend_scheme") != "never") or any(
+        n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in steps)
 
 
 def _from_sentencepiece(tokenizer: Tokenizer) -> dict[str, Any]:

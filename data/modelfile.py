@@ -3,9 +3,11 @@
 Ollama renders prompts with Go's ``text/template``, not Jinja, so the model's chat template is
 written again for each chat format we know, from the same markers the Jinja template uses:
 
-    ChatML   <|im_start|>role\\ncontent<|im_end|>\\n                  (SmolLM2, Qwen)
+    ChatML   <|im_start|>role\\ncontent<|im_end|>\\n                  (SmolLM2, Qwen2.5, Qwen3)
     Llama 3  <|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>
     Gemma    <start_of_turn>user\\n(system\\n\\n)content<end_of_turn>\\n   (assistant is "model")
+    Mistral  [INST] (system\\n\\n)user[/INST] answer</s>               (system before the first user turn)
+    Phi-3    <|role|>\\ncontent<|end|>\\n                            (Phi-4-mini: no newlines)
 
 BOS is not in the templates: llama.cpp adds it when the GGUF says ``add_bos_token``. A default system
 prompt that the Jinja template inserts by itself (SmolLM2's) becomes the Modelfile's ``SYSTEM``, which
@@ -18,6 +20,21 @@ import re
 from pathlib import Path
 
 from tunesmith.data.tokenizer import END_OF_TURN_TOKENS, Tokenizer
+
+def _phi_template(newline: str) -> str:
+    """Phi-3's format (``newline`` after each role marker and end) or Phi-4-mini's (none)."""
+    return (
+        f"{{{{- if .System }}}}<|system|>{newline}{{{{ .System }}}}<|end|>{newline}{{{{ end }}}}"
+        "{{- range $i, $_ := .Messages }}"
+        "{{- $last := eq (len (slice $.Messages $i)) 1 }}"
+        f"{{{{- if eq .Role \"user\" }}}}<|user|>{newline}{{{{ .Content }}}}<|end|>{newline}"
+        f"{{{{ if $last }}}}<|assistant|>{newline}{{{{ end }}}}"
+        f"{{{{- else if eq .Role \"assistant\" }}}}<|assistant|>{newline}{{{{ .Content }}}}"
+        f"{{{{ if not $last }}}}<|end|>{newline}{{{{ end }}}}"
+        "{{- end }}"
+        "{{- end }}"
+    )
+
 
 # {{ .System }} is the system prompt; .Messages the turns (system turns are skipped: they are .System).
 # $last marks the final message, after which a user turn opens the assistant's reply.
@@ -56,9 +73,23 @@ GO_TEMPLATES = {
         "{{- end }}"
         "{{- end }}"
     ),
+    "mistral": (
+        "{{- $system := .System }}"
+        "{{- range $i, $_ := .Messages }}"
+        "{{- $last := eq (len (slice $.Messages $i)) 1 }}"
+        "{{- if eq .Role \"user\" }}[INST] {{ if $system }}{{ $system }}\n\n{{ end }}{{ .Content }}[/INST]"
+        "{{ $system = \"\" }}"
+        "{{- else if eq .Role \"assistant\" }} {{ .Content }}{{ if not $last }}</s>{{ end }}"
+        "{{- end }}"
+        "{{- end }}"
+    ),
+    "phi3": _phi_template("\n"),
+    "phi4": _phi_template(""),
 }
-# The marker that identifies each format in a Jinja chat template, and how its system turn looks.
-MARKERS = {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>", "gemma": "<start_of_turn>"}
+# The marker that identifies each format in a Jinja chat template, and how its system turn looks
+# (Phi-3 and Phi-4-mini share theirs: ``chat_format`` tells them apart by rendering).
+MARKERS = {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>", "gemma": "<start_of_turn>", "mistral": "[/INST]",
+           "phi3": "<|assistant|>"}
 SYSTEM_TURN = {
     "chatml": re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", re.S),
     "llama3": re.compile(r"<\|start_header_id\|>system<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>", re.S),
@@ -66,9 +97,18 @@ SYSTEM_TURN = {
 
 
 def chat_format(tokenizer: Tokenizer) -> str | None:
-    """``chatml``, ``llama3`` or ``gemma`` from the tokenizer's chat template; None when unknown or absent."""
+    """A key of ``GO_TEMPLATES`` from the tokenizer's chat template; None when unknown or absent.
+
+    Llama 2's ``[INST] <<SYS>>`` format is not Mistral's and has no Go template here.
+    """
     template = tokenizer.chat_template or ""
-    return next((name for name, marker in MARKERS.items() if marker in template), None)
+    fmt = next((name for name, marker in MARKERS.items() if marker in template), None)
+    if fmt == "mistral" and "<<SYS>>" in template:
+        return None
+    if fmt == "phi3":  # Phi-4-mini writes the same markers without the newlines
+        rendered = tokenizer.render_chat([{"role": "user", "content": "?"}], add_generation_prompt=True)
+        return "phi3" if "<|user|>\n" in rendered else "phi4"
+    return fmt
 
 
 def default_system_prompt(tokenizer: Tokenizer, fmt: str) -> str | None:
@@ -90,8 +130,8 @@ def modelfile(tokenizer: Tokenizer, gguf_name: str) -> str:
     lines = [f"FROM ./{gguf_name}"]
     fmt = chat_format(tokenizer)
     if fmt is None:
-        lines.append("# no TEMPLATE: this chat template is none of ChatML / Llama 3 / Gemma, so Ollama uses the "
-                     "GGUF's own tokenizer.chat_template if it recognises it")
+        lines.append("# no TEMPLATE: this chat template is none of ChatML / Llama 3 / Gemma / Mistral / Phi, so Ollama "
+                     "uses the GGUF's own tokenizer.chat_template if it recognises it")
     else:
         lines.append(f'TEMPLATE """{GO_TEMPLATES[fmt]}"""')
         system = default_system_prompt(tokenizer, fmt)

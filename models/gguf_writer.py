@@ -11,10 +11,11 @@ header goes out first and the tensors follow one by one as the stream yields the
 model plus one tensor in float32, whatever the model's size.
 
 The per-family knowledge lives in each family's table module next to what the GGUF loader uses
-(``models/llama_hf.py``, ``models/gemma_hf.py``): ``config_to_gguf(cfg)`` (metadata),
-``ours_to_gguf(cfg)`` (our name → GGUF name), ``to_gguf_tensor(name, w, cfg)`` (the Q/K permutation,
-Gemma's ``1 + w`` norms) and ``extra_gguf_tensors(cfg)`` (Llama 3's ``rope_freqs.weight``). A new family
-plugs in by providing those four.
+(``models/llama_hf.py``, ``gemma_hf.py``, ``qwen_hf.py``, ``mistral_hf.py``, ``phi3_hf.py``):
+``config_to_gguf(cfg)`` (metadata), ``ours_to_gguf(cfg)`` (our name → GGUF name),
+``to_gguf_tensor(name, w, cfg)`` (Llama's and Mistral's Q/K permutation, Gemma's ``1 + w`` norms) and
+``extra_gguf_tensors(cfg)`` (Llama 3's ``rope_freqs.weight``, Phi-3's LongRoPE ``rope_factors_long/short``).
+A new family plugs in by providing those four.
 
 Tensor types follow llama.cpp's own tools: 1-D tensors (norms, ``rope_freqs``) stay F32 in every file,
 as its converter writes them; a row length the block size does not divide falls back to F16, as its
@@ -137,7 +138,8 @@ def save_gguf(
     The file is written under a temporary name and renamed into place when complete.
 
     Args:
-        model: A native model (Llama, Gemma), optionally with LoRA layers (dense or NF4 bases).
+        model: A native model (Llama, Gemma, Qwen, Mistral, Phi-3), optionally with LoRA layers (dense or
+            NF4 bases).
         path: The ``.gguf`` file to write.
         file_type: ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0`` or ``q4_1`` (see ``tensor_type`` for
             which tensors keep a wider type).

@@ -21,6 +21,7 @@ and add only their own keys and names.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -393,6 +394,15 @@ def gguf_shape_metadata(arch: str, cfg: Any) -> dict[str, Any]:
         meta[f"{arch}.rope.scaling.type"] = "linear"
         meta[f"{arch}.rope.scaling.factor"] = float(cfg.rope_scaling["factor"])
     return meta
+
+
+def warn_window_not_run(arch: str, cfg: Any) -> None:
+    """Warn that llama.cpp runs ``arch`` attending to the whole context although ``cfg`` has a sliding window
+    shorter than its context: the file then matches the model only for contexts up to the window."""
+    if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_seq_len:
+        warnings.warn(f"sliding_window={cfg.sliding_window}: llama.cpp runs {arch} attending to the whole context, "
+                      f"so the GGUF file matches this model for contexts up to {cfg.sliding_window} tokens",
+                      stacklevel=3)
 
 
 def extra_gguf_tensors(cfg: LlamaConfig) -> dict[str, Tensor]:

@@ -1,8 +1,8 @@
 """Phi-3 / Phi-4-mini ↔ Hugging Face and Phi-3 ↔ GGUF: fused names, partial rotary, LongRoPE.
 
-The Phi-3 counterpart of ``models/llama_hf.py`` (same functions) for ``model_type: "phi3"`` and the
-``phi3`` GGUF architecture. Our parameters are the checkpoint's tensors one to one, fused ones
-included: HF ``self_attn.qkv_proj`` / ``mlp.gate_up_proj`` are llama.cpp's ``attn_qkv`` /
+The Phi-3 counterpart of ``models/llama_hf.py`` (same functions, the GGUF writer's included) for
+``model_type: "phi3"`` and the ``phi3`` GGUF architecture. Our parameters are the checkpoint's tensors
+one to one, fused ones included: HF ``self_attn.qkv_proj`` / ``mlp.gate_up_proj`` are llama.cpp's ``attn_qkv`` /
 ``ffn_up`` (the gate half first), stored unpermuted (llama.cpp runs Phi-3 with "rotate half" RoPE).
 
 GGUF keeps what HF keeps in config.json elsewhere: the rotated dimensions in
@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from tunesmith.models.llama_hf import check_supported, gguf_fields, gguf_get, gguf_names, hf_names, llama_config_json, llama_fields
+from tunesmith.models.llama_hf import (
+    check_supported, gguf_fields, gguf_get, gguf_names, gguf_shape_metadata, hf_names, llama_config_json, llama_fields,
+    warn_window_not_run,
+)
 from tunesmith.models.phi3 import Phi3Config
 
 # ------------------------------------------------------------------------------------------------
@@ -139,4 +143,55 @@ def config_from_gguf(meta: dict[str, Any]) -> Phi3Config:
 
 def fix_gguf_tensor(our_name: str, w: Tensor, cfg: Phi3Config) -> Tensor:
     """GGUF Phi-3 tensors are already in our layout (fused as in HF, no Q/K permutation)."""
+    return w
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF out: what the writer (models/gguf_writer.py) asks, each the inverse of a loading function above
+# ------------------------------------------------------------------------------------------------
+def ours_to_gguf(cfg: Phi3Config) -> dict[str, str]:
+    """Our name of every tensor a GGUF file for ``cfg`` stores → its GGUF name (``gguf_to_ours`` inverted):
+    the fused ``qkv_proj`` / ``gate_up_proj`` are ``attn_qkv`` / ``ffn_up`` as they are."""
+    return {ours: theirs for theirs, ours in gguf_to_ours(cfg).items() if ours is not None}
+
+
+def config_to_gguf(cfg: Phi3Config) -> dict[str, Any]:
+    """GGUF metadata for ``cfg``, the keys llama.cpp's converter writes for Phi-3 (``config_from_gguf`` inverted).
+
+    ``rope.dimension_count`` is the rotated part of each head (partial rotary), the window is
+    ``attention.sliding_window`` (0: none), and LongRoPE adds its original context and attention
+    factor here and its two factor tables as tensors (``extra_gguf_tensors``).
+
+    llama.cpp reads the window but does not apply it to Phi-3 for now (its "Phi SWA is currently
+    disabled"), so a window shorter than the context (Phi-3-mini-4k's 2047) is written with a warning.
+
+    Raises:
+        ValueError: a ``head_dim`` other than hidden_size / num_heads, which llama.cpp's phi3 assumes.
+    """
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+        raise ValueError(f"head_dim={cfg.head_dim} with {cfg.num_heads} heads: llama.cpp's phi3 takes head_dim = "
+                         f"hidden_size / num_heads = {cfg.hidden_size / cfg.num_heads}, so the file would run a "
+                         "different model")
+    warn_window_not_run("Phi-3", cfg)
+    meta = gguf_shape_metadata("phi3", cfg)
+    meta["phi3.rope.dimension_count"] = cfg.rotary_dim
+    meta["phi3.attention.sliding_window"] = cfg.sliding_window or 0
+    meta["phi3.rope.scaling.original_context_length"] = (
+        cfg.rope_scaling["original_max_position_embeddings"] if cfg.rope_scaling else cfg.max_seq_len)
+    if cfg.rope_scaling:
+        meta["phi3.rope.scaling.attn_factor"] = float(cfg.attention_factor)
+    return meta
+
+
+def extra_gguf_tensors(cfg: Phi3Config) -> dict[str, Tensor]:
+    """LongRoPE's per-frequency divisors as llama.cpp's ``rope_factors_long`` / ``rope_factors_short``
+    tensors (what ``config_from_gguf`` reads back into ``rope_scaling``); none without LongRoPE."""
+    if not cfg.rope_scaling:
+        return {}
+    return {f"rope_factors_{kind}.weight": torch.tensor(cfg.rope_scaling[f"{kind}_factor"], dtype=torch.float32)
+            for kind in ("long", "short")}
+
+
+def to_gguf_tensor(our_name: str, w: Tensor, cfg: Phi3Config) -> Tensor:
+    """Our parameter in llama.cpp's layout: unchanged (fused as in HF, Q/K rows not permuted)."""
     return w

@@ -1,13 +1,15 @@
 """Qwen2/2.5/3 ↔ Hugging Face and Qwen ↔ GGUF: Llama's names plus the biases or the QK-norm.
 
 The Qwen counterpart of ``models/llama_hf.py``, with the same functions (``config_from_hf``,
-``config_to_hf``, ``hf_to_ours``, ``config_from_gguf``, ``gguf_to_ours``, ``fix_gguf_tensor``), for
+``config_to_hf``, ``hf_to_ours``, ``config_from_gguf``, ``gguf_to_ours``, ``fix_gguf_tensor`` and the
+GGUF writer's ``config_to_gguf``, ``ours_to_gguf``, ``to_gguf_tensor``, ``extra_gguf_tensors``), for
 ``model_type`` ``qwen2`` (Qwen2 and Qwen2.5) and ``qwen3``, and GGUF architectures of the same names.
 
 A Qwen checkpoint is a Llama checkpoint with, per layer, the q/k/v biases (Qwen2) or the two
 per-head norms (Qwen3). llama.cpp runs Qwen with "rotate half" RoPE as HF does, so unlike Llama's
-its Q and K rows are *not* permuted in GGUF and need no un-permute. Sliding-window settings
-(``use_sliding_window``, ``max_window_layers``) have no GGUF key: llama.cpp does not implement them.
+its Q and K rows are *not* permuted in GGUF and need no un-permute (nor a permute on the way out).
+Sliding-window settings (``use_sliding_window``, ``max_window_layers``) have no GGUF key: llama.cpp
+does not implement them, so a model with local layers is not written as GGUF.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from torch import Tensor
 
 from tunesmith.models.llama import GLOBAL, SLIDING
 from tunesmith.models.llama_hf import (
-    GGUF_PER_LAYER, HF_PER_LAYER, check_supported, gguf_fields, gguf_names, hf_names, llama_config_json,
-    llama_fields,
+    GGUF_PER_LAYER, HF_PER_LAYER, check_supported, gguf_fields, gguf_names, gguf_shape_metadata, hf_names,
+    llama_config_json, llama_fields,
 )
 from tunesmith.models.qwen import QwenConfig
 
@@ -138,4 +140,43 @@ def config_from_gguf(meta: dict[str, Any]) -> QwenConfig:
 
 def fix_gguf_tensor(our_name: str, w: Tensor, cfg: QwenConfig) -> Tensor:
     """GGUF Qwen tensors are already in our layout (no Q/K permutation, plain norm weights)."""
+    return w
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF out: what the writer (models/gguf_writer.py) asks, each the inverse of a loading function above
+# ------------------------------------------------------------------------------------------------
+def ours_to_gguf(cfg: QwenConfig) -> dict[str, str]:
+    """Our name of every tensor a GGUF file for ``cfg`` stores → its GGUF name (``gguf_to_ours`` inverted):
+    Llama's names plus ``attn_{q,k,v}.bias`` (Qwen2) or ``attn_{q,k}_norm.weight`` (Qwen3)."""
+    return {ours: theirs for theirs, ours in gguf_to_ours(cfg).items() if ours is not None}
+
+
+def config_to_gguf(cfg: QwenConfig) -> dict[str, Any]:
+    """GGUF metadata for ``cfg``: ``general.architecture`` (``qwen2`` / ``qwen3``) and its keys.
+
+    ``head_dim`` goes in ``attention.key_length`` (and ``rope.dimension_count``: Qwen rotates whole
+    heads), which is where ``config_from_gguf`` and llama.cpp read Qwen3's ``head_dim`` from.
+
+    Raises:
+        ValueError: a config with local (sliding-window) layers: llama.cpp's Qwen attends globally in
+            every layer, so the file would run a different model past the window.
+    """
+    if SLIDING in cfg.layer_types:
+        local = [i for i, kind in enumerate(cfg.layer_types) if kind == SLIDING]
+        raise ValueError(f"layers {local} use a {cfg.sliding_window}-token sliding window, which llama.cpp's "
+                         f"qwen{cfg.version} does not implement; export the HF folder instead")
+    arch = {v: k for k, v in GGUF_ARCHITECTURES.items()}[cfg.version]
+    meta = gguf_shape_metadata(arch, cfg)
+    meta[f"{arch}.rope.dimension_count"] = cfg.head_dim
+    return meta
+
+
+def extra_gguf_tensors(cfg: QwenConfig) -> dict[str, Tensor]:
+    """Tensors beyond the weights a GGUF file needs: none for Qwen."""
+    return {}
+
+
+def to_gguf_tensor(our_name: str, w: Tensor, cfg: QwenConfig) -> Tensor:
+    """Our parameter in llama.cpp's layout: unchanged (``fix_gguf_tensor`` is the identity too)."""
     return w

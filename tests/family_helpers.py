@@ -41,13 +41,13 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def make_hf(case: str, seed: int = 0):
-    """A random ``transformers`` model for ``case``, in eval mode, with norms and biases far from their
-    init (so a swapped, skipped or doubled one cannot hide)."""
+def make_hf(case: str, seed: int = 0, **changes: Any):
+    """A random ``transformers`` model for ``case`` (config keys ``changes`` on top), in eval mode, with
+    norms and biases far from their init (so a swapped, skipped or doubled one cannot hide)."""
     import transformers
 
     cls_name, cfg_name, overrides = CASES[case]
-    config = getattr(transformers, cfg_name)(**{**COMMON, **overrides})
+    config = getattr(transformers, cfg_name)(**{**COMMON, **overrides, **changes})
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)(config).eval()
     with torch.no_grad():

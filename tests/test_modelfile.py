@@ -85,3 +85,20 @@ def test_go_template_renders_like_the_jinja_template(name, render_go):
         if fmt != "chatml":  # Llama 3 / Gemma templates open with BOS, which llama.cpp adds itself
             expected = expected.removeprefix(tok.bos_token)
         assert render_go(GO_TEMPLATES[fmt], system, messages) == expected, messages
+
+
+@pytest.mark.parametrize("kind,fmt", [("qwen2_5", "chatml"), ("qwen3", "chatml"), ("mistral", "mistral"),
+                                      ("phi3", "phi3"), ("phi4", "phi4")])
+def test_go_template_renders_like_each_familys_jinja_template(kind, fmt, render_go, tmp_path):
+    from test_family_chat_templates import tokenizer_for
+
+    tok, _ = tokenizer_for(kind, tmp_path)
+    assert chat_format(tok) == fmt
+    default_system = default_system_prompt(tok, fmt) or ""  # Qwen2.5's "You are Qwen, ..."
+    assert bool(default_system) == (kind == "qwen2_5")
+    for messages in CONVERSATIONS:
+        system = messages[0]["content"] if messages[0]["role"] == "system" else default_system
+        expected = tok.render_chat(messages, add_generation_prompt=True)
+        if tok.bos_token:  # Mistral's template opens with BOS, which llama.cpp adds itself
+            expected = expected.removeprefix(tok.bos_token)
+        assert render_go(GO_TEMPLATES[fmt], system, messages) == expected, messages
