@@ -25,7 +25,6 @@ arbitrary code when loaded, so they are refused with a pointer to converting the
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -114,15 +113,6 @@ HUB_ALLOW_PATTERNS = [
     "special_tokens_map.json",
     "tokenizer.model",
     "chat_template.jinja",
-]
-# Tokenizer-side files copied next to a saved checkpoint.
-TOKENIZER_FILES = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "generation_config.json",
 ]
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -394,7 +384,6 @@ def save_hf_checkpoint(
     *,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
-    tokenizer_dir: str | Path | None = None,
     write_files: bool = True,
 ) -> Path:
     """Write ``model`` as a Hugging Face model directory that ``transformers`` and vLLM load.
@@ -416,8 +405,6 @@ def save_hf_checkpoint(
         dtype: dtype of the saved tensors; default: the model's embedding dtype.
         max_shard_bytes: Above this total the weights are split into
             ``model-0000x-of-0000y.safetensors`` files plus ``model.safetensors.index.json``.
-        tokenizer_dir: Directory whose tokenizer files (``tokenizer.json``, ``tokenizer_config.json``,
-            ``special_tokens_map.json``, ``tokenizer.model``, ``generation_config.json``, …) are copied.
         write_files: False on the ranks of a sharded model that only take part in the gathers.
 
     Returns:
@@ -472,9 +459,4 @@ def save_hf_checkpoint(
     config = family.config_to_hf(cfg)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")  # HF's name for the weights' dtype
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if tokenizer_dir is not None:
-        for fname in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / fname
-            if src.is_file():
-                shutil.copy2(src, out_dir / fname)
     return out_dir

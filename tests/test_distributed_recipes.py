@@ -132,7 +132,7 @@ def runs(tiny_llama_dir, tiny_gemma_dir, big_llama_dir, tiny_data, tiny_pref_dat
              "result": str(tmp / "nf4.json")},
             {"job": "gradient_memory", "tokens": tokens, "result": str(tmp / "gradient_memory.json"),
              "values": {"model": str(big_llama_dir), **common(tmp / "big", tiny_data, batch_size=2, max_steps=2,
-                                                              save_every=0, eval_batches=1, save_hf=False)}},
+                                                              save_every=0, eval_batches=1, save_merged=False)}},
         ]
         code, log = torchrun(tmp / "launch", jobs)
         assert code == 0, log[-4000:]
