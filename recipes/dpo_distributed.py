@@ -12,7 +12,7 @@
             loss = Σ my pair losses / pairs in the step ; (loss · W).backward()  (reduce-scatter)
         clip the global grad norm ; AdamW step on my shards ; LR schedule step
         log (means over every rank's pairs) ; eval ; checkpoint
-    report held-out reward accuracy (after) ; final checkpoint (PEFT adapter / merged model)
+    report held-out reward accuracy (after) ; final checkpoint (PEFT adapter; merged/, gguf/) ; push_to_hub
 
 The loop is ``dpo_single_device``'s; the lines that differ are marked ``# FSDP``. Launch like the
 other distributed recipes: ``tune-run dpo_distributed --config my_dpo.yaml --nproc-per-node 8``,

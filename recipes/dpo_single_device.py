@@ -12,7 +12,7 @@
             loss = Σ pair losses / pairs in the step ; loss.backward()
         clip grad norm ; AdamW step ; LR schedule step
         log (loss, reward accuracy, margin, rewards, log-probs, lr, tokens/s) ; eval ; checkpoint
-    report held-out reward accuracy, eval_metric (after) ; final checkpoint (PEFT adapter / merged model)
+    report held-out reward accuracy, eval_metric (after) ; final checkpoint (PEFT adapter; merged/, gguf/) ; push_to_hub
     print the before → after table
 
 The loss is chosen by name or import path (``loss=ipo``, ``loss=my_losses.MyLoss``) with its own

@@ -8,7 +8,7 @@
         clip the global grad norm ; AdamW step on my shards ; LR schedule step
         log (loss, lr, grad norm, tokens/s, memory) ; every eval_every: held-out loss
         every save_every: sharded checkpoint (model, optimizer, schedule, RNG, data position)
-    report held-out loss and eval_metric (after) ; final checkpoint + Hugging Face export ; before → after table
+    report held-out loss and eval_metric (after) ; final checkpoint + hf/, gguf/ ; push_to_hub ; before → after table
 
 Launch: ``tune-run full_finetune_distributed --config llama3_1_8b_full --nproc-per-node 8`` (add
 ``--nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT`` for two nodes), or ``torchrun ...

@@ -13,7 +13,7 @@
             for each micro-batch:  loss = loss_fn(log π_θ, log π_old, log π_ref, A) ; loss.backward()
             clip grad norm ; AdamW step
         LR schedule step ; log (rewards per function, KL, clip fraction, lengths, tokens/s) ; eval ; checkpoint
-    report held-out reward (after) ; final checkpoint (PEFT adapter / merged model)
+    report held-out reward (after) ; final checkpoint (PEFT adapter; merged/, gguf/) ; push_to_hub
 
 The policy loss is chosen by name or import path (``loss=dapo``, ``loss=my_losses.MyLoss``) with its
 ``loss_args``; every loss takes the same ``PolicyLogProbs`` (training/policy_losses.py). Rewards are

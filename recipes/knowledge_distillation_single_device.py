@@ -11,7 +11,7 @@
             ce = Σ cross-entropy over labelled tokens (skipped when kd_ratio = 1)
             loss = ((1 − kd_ratio) · ce + kd_ratio · kd) / N ; loss.backward()
         clip grad norm ; AdamW step ; LR schedule step ; log ; eval ; checkpoint
-    report held-out KL and loss (after) ; final checkpoint (PEFT adapter / full model)
+    report held-out KL and loss (after) ; final checkpoint (PEFT adapter / full model; merged/, gguf/) ; push_to_hub
 
 The divergence is chosen by name or import path (``loss=reverse_kl``, ``loss=my_kd.MyDivergence``);
 every one takes the same arguments (training/distillation_losses.py).

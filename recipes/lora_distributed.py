@@ -9,7 +9,7 @@
         clip the global grad norm ; AdamW step on my adapter shards ; LR schedule step
         log (loss, lr, grad norm, tokens/s, memory) ; every eval_every: held-out loss
         every save_every: checkpoint (gathered adapters + optimizer state, the single-device format)
-    report held-out loss and a sample answer (after) ; final checkpoint (+ merged model, tensor by tensor)
+    report held-out loss and a sample answer (after) ; final checkpoint (+ merged/, gguf/, tensor by tensor) ; push_to_hub
 
 The loop is ``lora_single_device``'s; the lines that differ are marked ``# FSDP``. Launch:
 ``tune-run lora_distributed --config llama3_1_70b --nproc-per-node 8 quantize_base=true`` (add

@@ -8,7 +8,7 @@
         clip grad norm ; AdamW step ; LR schedule step
         log (loss, lr, grad norm, tokens/s, memory) ; every eval_every: held-out loss
         every save_every: checkpoint (adapter, optimizer, schedule, RNG, data position)
-    report held-out loss and eval_metric (after) ; final checkpoint (+ merged model) ; before → after table
+    report held-out loss and eval_metric (after) ; final checkpoint (+ merged/, gguf/) ; push_to_hub ; before → after table
 
 Copy it out (``tune-run cp lora_single_device my_lora.py``), edit the loop, and run the copy with
 ``tune-run my_lora.py --config smollm2_135m``. Everything the loop calls is a small library function.

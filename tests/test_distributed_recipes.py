@@ -100,7 +100,8 @@ def runs(tiny_llama_dir, tiny_gemma_dir, big_llama_dir, tiny_data, tiny_pref_dat
     gemma = {"model": str(tiny_gemma_dir), "lora": {"rank": 3, "alpha": 6.0, "targets": ["q_proj", "v_proj", "output"]}}
     variants = {  # name: (single-device recipe, distributed recipe, values)
         "lora": ("lora_single_device", "lora_distributed", lambda out: lora(out, save_merged=True, save_gguf="f32")),
-        "qlora": ("qlora_single_device", "qlora_distributed", lambda out: lora(out, dtype="fp32")),
+        "qlora": ("qlora_single_device", "qlora_distributed",
+                  lambda out: lora(out, dtype="fp32", save_merged=True, save_gguf="f32")),
         "dpo": ("dpo_single_device", "dpo_distributed", lambda out: dpo(out)),
         "dpo_full": ("dpo_single_device", "dpo_distributed",
                      lambda out: dpo(out, full=True, lr=1e-3, save_merged=True, save_gguf=["f32", "q8_0"])),
@@ -189,9 +190,10 @@ def test_two_processes_equal_one_process_equal_single_device(runs, variant):
         assert "lm_head.weight" in weights(merged, "model.safetensors")
 
 
-@pytest.mark.parametrize("variant", ["lora", "dpo_full"])
+@pytest.mark.parametrize("variant", ["lora", "qlora", "dpo_full"])
 def test_gguf_gathered_over_two_processes_is_the_merged_model(runs, variant):
-    """save_gguf under FSDP: every rank takes part in each tensor's gather, rank 0 writes each file."""
+    """save_gguf under FSDP: every rank takes part in each tensor's gather (QLoRA: of its NF4 rows,
+    dequantized and merged), rank 0 writes each file."""
     from tunesmith.models import load_pretrained
 
     final = Path(runs["two"][variant]["checkpoint"])
