@@ -90,13 +90,13 @@ def output_writers(
     return writers
 
 
-def run_output_writers(cfg: Any, base: Any, model: nn.Module | None = None, *, merged_folder: str = "merged",
+def run_output_writers(cfg: Any, base: Any, model: nn.Module, *, merged_folder: str = "merged",
                        env: Any = None) -> dict[str, Writer]:
-    """``output_writers`` for a training run's final checkpoint, from its ``RunOptions``
-    (``save_merged``, ``save_gguf``) and its loaded base (``setup.Pretrained``)."""
+    """``output_writers`` for a training run's final checkpoint of ``model``, from its ``RunOptions``
+    (``save_merged``, ``save_gguf``) and its loaded base (``setup.Pretrained``: tokenizer and sources)."""
     from tunesmith.training.setup import resolve_source
 
-    return output_writers(model if model is not None else base.model, base.tokenizer, merged=cfg.save_merged,
+    return output_writers(model, base.tokenizer, merged=cfg.save_merged,
                           gguf=cfg.save_gguf, merged_folder=merged_folder, tokenizer_dir=base.tokenizer_dir,
                           tokenizer_source=resolve_source(cfg.tokenizer) if cfg.tokenizer else base.source,
                           name=Path(cfg.output_dir).name, env=env)
