@@ -43,7 +43,11 @@ Fraction = Annotated[float, Range(gt=0, lt=1)]
 Dropout = Annotated[float, Range(ge=0, lt=1)]
 SeqLen = Annotated[int, Range(ge=2)]
 LoRATarget = Literal[LORA_TARGETS + FUSED_LORA_TARGETS]  # q_proj … down_proj output; Phi-3: qkv_proj gate_up_proj
-GgufType = Literal[tuple(FILE_TYPES)]  # f32 f16 bf16 q8_0 q4_0 q4_1: what models/gguf_writer.py writes
+K_QUANT_REFUSED = (f"a K-quant: the gguf package reads K-quants but cannot write them; choose from {', '.join(FILE_TYPES)} "
+                   "(4-bit: q4_0, q4_1), or quantize our f16 file with llama.cpp's llama-quantize")
+GgufType = Annotated[Literal[tuple(FILE_TYPES)],  # f32 f16 bf16 q8_0 q4_0 q4_1: what models/gguf_writer.py writes
+                     Refuse(**{k: K_QUANT_REFUSED for k in ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
+                                                             "q5_k_s", "q5_k_m", "q6_k")})]
 HubRepo = Annotated[str, Pattern(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", "a Hub repo id: user/name or org/name")]
 
 
