@@ -25,7 +25,6 @@ arbitrary code when loaded, so they are refused with a pointer to converting the
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -33,7 +32,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from tunesmith.models import gemma_hf, llama_hf, mistral_hf, nf4, phi3_hf, qwen_hf
@@ -43,6 +41,7 @@ from tunesmith.models.llama import Llama
 from tunesmith.models.mistral import Mistral
 from tunesmith.models.phi3 import Phi3
 from tunesmith.models.qwen import Qwen
+from tunesmith.models.safetensors_stream import SafetensorsStream
 
 # model_type in config.json → (conversion module, model class). One line per model_type.
 # Llama's subclasses come before Llama: a model is saved by the first class it is an instance of.
@@ -114,15 +113,6 @@ HUB_ALLOW_PATTERNS = [
     "special_tokens_map.json",
     "tokenizer.model",
     "chat_template.jinja",
-]
-# Tokenizer-side files copied next to a saved checkpoint.
-TOKENIZER_FILES = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "generation_config.json",
 ]
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -394,15 +384,14 @@ def save_hf_checkpoint(
     *,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
-    tokenizer_dir: str | Path | None = None,
     write_files: bool = True,
 ) -> Path:
     """Write ``model`` as a Hugging Face model directory that ``transformers`` and vLLM load.
 
     The weights come from ``merged_weights.iter_merged_tensors``, one dense tensor at a time:
     LoRA layers are saved merged (base + scaling · B A; NF4 bases dequantized) without changing
-    ``model``, and each safetensors file is written as soon as its tensors are in, so at most one
-    file's worth (``max_shard_bytes``) is held on the CPU, never the whole merged model. A model
+    ``model``, and each tensor is appended to its safetensors file as soon as it is made
+    (``SafetensorsStream``), so the export holds one merged tensor at a time, never the merged model. A model
     sharded with FSDP2 is gathered the same way, tensor by tensor: call this on EVERY rank, with
     ``write_files`` true on rank 0 only.
 
@@ -416,8 +405,6 @@ def save_hf_checkpoint(
         dtype: dtype of the saved tensors; default: the model's embedding dtype.
         max_shard_bytes: Above this total the weights are split into
             ``model-0000x-of-0000y.safetensors`` files plus ``model.safetensors.index.json``.
-        tokenizer_dir: Directory whose tokenizer files (``tokenizer.json``, ``tokenizer_config.json``,
-            ``special_tokens_map.json``, ``tokenizer.model``, ``generation_config.json``, …) are copied.
         write_files: False on the ranks of a sharded model that only take part in the gathers.
 
     Returns:
@@ -451,17 +438,22 @@ def save_hf_checkpoint(
     def file_name(k: int) -> str:
         return SAFETENSORS_SINGLE if len(files) == 1 else f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
 
-    pending: list[dict[str, Tensor]] = [{} for _ in files]
+    # Each file's header is planned from the shapes, so each merged tensor is written the moment it
+    # arrives and freed before the next is made: nothing of the merged model accumulates on the CPU.
+    shapes = {hf: shape for ours, shape, _ in merged_tensor_specs(model) for hf in to_hf.get(ours, [])}
+    stream: SafetensorsStream | None = None
     for ours, tensor in iter_merged_tensors(model):  # collective under FSDP: every rank iterates
-        if not write_files:
-            continue
-        for hf in to_hf.get(ours, []):
+        for hf in to_hf.get(ours, []) if write_files else []:
             k = file_of[hf]
-            pending[k][hf] = tensor.to(device="cpu", dtype=dtype).contiguous()
-            if len(pending[k]) == len(files[k]):  # the file is complete: write it and let it go
-                save_file(pending[k], out_dir / file_name(k), metadata={"format": "pt"})
-                pending[k] = {}
+            if stream is None or stream.path.name != file_name(k):
+                if stream is not None:
+                    stream.close()
+                stream = SafetensorsStream(out_dir / file_name(k), [(n, shapes[n], dtype) for n in files[k]],
+                                           metadata={"format": "pt"})
+            stream.write(hf, tensor)
         del tensor
+    if stream is not None:
+        stream.close()
     if not write_files:
         return out_dir
 
@@ -472,9 +464,4 @@ def save_hf_checkpoint(
     config = family.config_to_hf(cfg)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")  # HF's name for the weights' dtype
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if tokenizer_dir is not None:
-        for fname in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / fname
-            if src.is_file():
-                shutil.copy2(src, out_dir / fname)
     return out_dir

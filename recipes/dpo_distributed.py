@@ -12,7 +12,7 @@
             loss = Σ my pair losses / pairs in the step ; (loss · W).backward()  (reduce-scatter)
         clip the global grad norm ; AdamW step on my shards ; LR schedule step
         log (means over every rank's pairs) ; eval ; checkpoint
-    report held-out reward accuracy (after) ; final checkpoint (PEFT adapter / merged model)
+    report held-out reward accuracy (after) ; final checkpoint (PEFT adapter; merged/, gguf/) ; push_to_hub
 
 The loop is ``dpo_single_device``'s; the lines that differ are marked ``# FSDP``. Launch like the
 other distributed recipes: ``tune-run dpo_distributed --config my_dpo.yaml --nproc-per-node 8``,
@@ -36,6 +36,7 @@ from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.recipes import dpo_single_device
 from tunesmith.training import sharded_checkpoint
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
+from tunesmith.training.final_outputs import push_run, run_output_writers
 from tunesmith.training.config import to_dict, to_yaml
 from tunesmith.training.eval_metrics import load_eval_metrics
 from tunesmith.training.evaluation import HeldOutReport, write_held_out_report
@@ -118,13 +119,11 @@ def main(cfg: Config) -> dict[str, Any]:
 
     def save(at_step: int, final: bool = False) -> Path:  # FSDP: full weights sharded (DCP), adapters gathered
         common = dict(model=model, optimizer=optimizer, scheduler=scheduler, micro_batches=at_step * cfg.grad_accum_steps,
-                      config_yaml=to_yaml(cfg), keep_last=cfg.keep_last, env=env)
+                      config_yaml=to_yaml(cfg), keep_last=cfg.keep_last, env=env,
+                      final_writers=run_output_writers(cfg, base, model, env=env) if final else None)  # merged/, gguf/
         if cfg.full:
-            hf = {"tokenizer_dir": base.tokenizer_dir} if final and cfg.save_merged else None
-            return sharded_checkpoint.save_dcp_checkpoint(output_dir, at_step, hf_export=hf, hf_folder="merged", **common)
-        return save_adapter_checkpoint(output_dir, at_step, lora=cfg.lora, base_model=base.source,
-                                       merged_tokenizer_dir=base.tokenizer_dir, save_merged=final and cfg.save_merged,
-                                       **common)
+            return sharded_checkpoint.save_dcp_checkpoint(output_dir, at_step, **common)
+        return save_adapter_checkpoint(output_dir, at_step, lora=cfg.lora, base_model=base.source, **common)
 
     def held_out(when: str) -> HeldOutReport:  # FSDP: each rank evaluates its share; rank 0 reports
         report = preference_report(model, tokenizer, val_batches, val_set, loss_fn, reference, env.device, eval_metrics,
@@ -179,6 +178,7 @@ def main(cfg: Config) -> dict[str, Any]:
     # ---- after -------------------------------------------------------------------------------------
     after = held_out("after")
     final_dir = save(step, final=True)
+    push_run(cfg, final_dir, before, after, base.source, env=env)  # push_to_hub=REPO, from rank 0
     if env.is_main:
         report_file = write_held_out_report(output_dir, before, after)
         logger.close(artifacts=[report_file] + ([] if cfg.full else [final_dir / "adapter"]))  # not a full model

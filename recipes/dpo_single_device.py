@@ -12,7 +12,7 @@
             loss = Σ pair losses / pairs in the step ; loss.backward()
         clip grad norm ; AdamW step ; LR schedule step
         log (loss, reward accuracy, margin, rewards, log-probs, lr, tokens/s) ; eval ; checkpoint
-    report held-out reward accuracy, eval_metric (after) ; final checkpoint (PEFT adapter / merged model)
+    report held-out reward accuracy, eval_metric (after) ; final checkpoint (PEFT adapter; merged/, gguf/) ; push_to_hub
     print the before → after table
 
 The loss is chosen by name or import path (``loss=ipo``, ``loss=my_losses.MyLoss``) with its own
@@ -32,6 +32,7 @@ import torch
 from tunesmith.models import apply_lora
 from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
+from tunesmith.training.final_outputs import push_run, run_output_writers
 from tunesmith.training.config import check_keyword_args, to_dict, to_yaml
 from tunesmith.training.eval_metrics import load_eval_metrics
 from tunesmith.training.evaluation import HeldOutReport, write_held_out_report
@@ -72,7 +73,6 @@ class Config(RunOptions):
             instead of one extra no-grad forward per step.
         loss: ``dpo``, ``robust_dpo``, ``ipo``, ``hinge``, ``simpo``, ``orpo`` or an import path to your class.
         loss_args: Keyword arguments of the loss class (``beta``, ``label_smoothing``, ``gamma``, ...).
-        save_merged: Also write a merged full model in the HF layout at the end.
     """
 
     data: PreferenceDataOptions = field(default_factory=PreferenceDataOptions)
@@ -83,7 +83,6 @@ class Config(RunOptions):
     loss_args: dict[str, Any] = field(default_factory=dict)
     output_dir: str = "output/dpo"  # this recipe's default
     lr: float = 1e-4  # this recipe's default
-    save_merged: bool = False
     sample_max_new_tokens: int = 0  # this recipe's default
 
     def validate(self) -> None:
@@ -135,11 +134,11 @@ def main(cfg: Config) -> dict[str, Any]:
 
     def save(at_step: int, final: bool = False) -> Path:
         common = dict(model=model, optimizer=optimizer, scheduler=scheduler, micro_batches=at_step * cfg.grad_accum_steps,
-                      config_yaml=to_yaml(cfg), keep_last=cfg.keep_last, save_merged=final and cfg.save_merged)
+                      config_yaml=to_yaml(cfg), keep_last=cfg.keep_last,
+                      final_writers=run_output_writers(cfg, base, model) if final else None)  # merged/, gguf/
         if cfg.full:
-            return save_full_checkpoint(output_dir, at_step, tokenizer_dir=base.tokenizer_dir, **common)
-        return save_adapter_checkpoint(output_dir, at_step, lora=cfg.lora, base_model=base.source,
-                                       merged_tokenizer_dir=base.tokenizer_dir, **common)
+            return save_full_checkpoint(output_dir, at_step, **common)
+        return save_adapter_checkpoint(output_dir, at_step, lora=cfg.lora, base_model=base.source, **common)
 
     def held_out(when: str) -> HeldOutReport:
         report = preference_report(model, tokenizer, val_batches, val_set, loss_fn, reference, device, eval_metrics, cfg,
@@ -194,6 +193,7 @@ def main(cfg: Config) -> dict[str, Any]:
     # ---- after -------------------------------------------------------------------------------------
     after = held_out("after")
     final_dir = save(step, final=True)
+    push_run(cfg, final_dir, before, after, base.source)  # push_to_hub=REPO
     report_file = write_held_out_report(output_dir, before, after)
     logger.close(artifacts=[report_file] + ([] if cfg.full else [final_dir / "adapter"]))  # not a full model
     what = "model" if cfg.full else "adapter"

@@ -23,13 +23,10 @@ from typing import Any
 import yaml
 from omegaconf import MISSING
 
-from tunesmith.data.gguf_vocab import gguf_tokenizer_metadata
-from tunesmith.data.modelfile import write_modelfile
-from tunesmith.data.tokenizer_files import write_tokenizer_files
-from tunesmith.models import load_peft_adapter, save_hf_checkpoint
-from tunesmith.models.gguf_writer import FILE_TYPES, gguf_file_name, save_gguf
+from tunesmith.models import load_peft_adapter
 from tunesmith.training.config import ConfigError
-from tunesmith.training.hub import model_card, push_to_hub
+from tunesmith.training.final_outputs import hub_contents, output_writers, push_outputs
+from tunesmith.training.options import GgufType, HubRepo
 from tunesmith.training.setup import DTYPES, load_model_and_tokenizer, resolve_source, select_device, select_dtype
 
 
@@ -65,9 +62,9 @@ class Config:
     export_dir: str | None = None
     merged: bool = True
     merged_dtype: str = "bf16"
-    gguf: list[str] = field(default_factory=lambda: ["q8_0"])
+    gguf: list[GgufType] = field(default_factory=lambda: ["q8_0"])
     name: str | None = None
-    push_to_hub: str | None = None
+    push_to_hub: HubRepo | None = None
     hub_private: bool = True
     device: str = "cpu"
     dtype: str = "fp32"
@@ -125,10 +122,7 @@ def find_checkpoint(cfg: Config) -> Checkpoint:
 
 
 def check_options(cfg: Config) -> None:
-    """Reject unknown GGUF / dtype names before anything is loaded."""
-    unknown = [t for t in cfg.gguf if t not in FILE_TYPES]
-    if unknown:
-        raise ConfigError(f"gguf={cfg.gguf}: unknown type(s) {unknown}; choose from {', '.join(FILE_TYPES)}")
+    """Reject an unknown dtype, or nothing to do, before anything is loaded (GGUF types are a Literal)."""
     if cfg.merged_dtype not in DTYPES:
         raise ConfigError(f"merged_dtype must be one of {', '.join(DTYPES)}; got '{cfg.merged_dtype}'")
     if not cfg.merged and not cfg.gguf:
@@ -148,38 +142,22 @@ def main(cfg: Config) -> dict[str, Any]:
     model.eval()
     export_dir = Path(cfg.export_dir) if cfg.export_dir else ckpt.step_dir / "export"
     name = cfg.name or ckpt.step_dir.parent.name or "tunesmith fine-tune"
-    written: dict[str, Path] = {}
 
-    # ---- merged HF folder: weights, config, tokenizer files, generation config ---------------------
-    if cfg.merged:
-        merged = save_hf_checkpoint(model, export_dir / "merged", dtype=DTYPES[cfg.merged_dtype])
-        write_tokenizer_files(tokenizer, merged, source_dir=base.tokenizer_dir)
-        written[""] = merged
-        print(f"merged model: {merged}")
-
-    # ---- GGUF files, one per type, and the Modelfile that points at the first ----------------------
+    # ---- merged/ (weights, config, tokenizer files, generation config) and gguf/ (files + Modelfile) --
+    # the same writers a training run's final checkpoint uses (training/final_outputs.py)
+    writers = output_writers(model, tokenizer, merged=cfg.merged, gguf=cfg.gguf, merged_dtype=DTYPES[cfg.merged_dtype],
+                             tokenizer_dir=base.tokenizer_dir, tokenizer_source=ckpt.tokenizer, name=name)
+    for folder, write in writers.items():
+        print(f"{folder}: {write(export_dir / folder)}")
     if cfg.gguf:
-        vocab = gguf_tokenizer_metadata(tokenizer, model.config.vocab_size,
-                                        base=ckpt.tokenizer if ckpt.tokenizer.endswith(".gguf") else None)
-        for file_type in cfg.gguf:
-            path = save_gguf(model, export_dir / "gguf" / gguf_file_name(file_type), file_type, tokenizer=vocab,
-                             name=name)
-            written[path.name] = path
-            print(f"GGUF ({file_type}): {path}")
-        modelfile = write_modelfile(tokenizer, export_dir / "gguf" / gguf_file_name(cfg.gguf[0]))
-        written["Modelfile"] = modelfile
-        print(f"Ollama: cd {modelfile.parent} && ollama create {name} -f Modelfile")
+        print(f"Ollama: cd {export_dir / 'gguf'} && ollama create {name} -f Modelfile")
+    written = hub_contents(export_dir, "merged" if cfg.merged else None, adapter=ckpt.adapter)
 
     # ---- the Hub -----------------------------------------------------------------------------------
     url = None
     if cfg.push_to_hub:
-        if ckpt.adapter is not None:
-            written["adapter"] = ckpt.adapter
-        card = model_card(cfg.push_to_hub, base_model=str(ckpt.run.get("model") or ckpt.weights),
-                          dataset=(ckpt.run.get("data") or {}).get("train"),
-                          config_yaml=yaml.safe_dump(ckpt.run, sort_keys=False) if ckpt.run else None,
-                          files=sorted(k or "merged model (top level)" for k in written))
-        url = push_to_hub(cfg.push_to_hub, written, card, private=cfg.hub_private)
+        url = push_outputs(cfg.push_to_hub, written, base_model=str(ckpt.run.get("model") or ckpt.weights),
+                           run=ckpt.run, private=cfg.hub_private)
         print(f"pushed to {url}")
     return {"export_dir": export_dir, "files": written, "hub_commit": url}
 

@@ -8,7 +8,7 @@
         clip the global grad norm ; AdamW step on my shards ; LR schedule step
         log (loss, lr, grad norm, tokens/s, memory) ; every eval_every: held-out loss
         every save_every: sharded checkpoint (model, optimizer, schedule, RNG, data position)
-    report held-out loss and eval_metric (after) ; final checkpoint + Hugging Face export ; before → after table
+    report held-out loss and eval_metric (after) ; final checkpoint + hf/, gguf/ ; push_to_hub ; before → after table
 
 Launch: ``tune-run full_finetune_distributed --config llama3_1_8b_full --nproc-per-node 8`` (add
 ``--nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT`` for two nodes), or ``torchrun ...
@@ -30,6 +30,7 @@ from typing import Any
 from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.training import sharded_checkpoint
 from tunesmith.training.checkpointing import remove_stale_temp_dirs
+from tunesmith.training.final_outputs import push_run, run_output_writers
 from tunesmith.training.config import check_keyword_args, to_dict, to_yaml
 from tunesmith.training.eval_metrics import load_eval_metrics
 from tunesmith.training.evaluation import HeldOutReport, evaluate_loss, held_out_report, write_held_out_report
@@ -56,7 +57,7 @@ class Config(ShardingOptions, RunOptions):
         data: Training / held-out data (see ``DataOptions``).
         loss: ``cross_entropy`` or an import path to your own loss class (see training/losses.py).
         loss_args: Keyword arguments for the loss class.
-        save_hf: Write the final model in the Hugging Face layout (``step_N/hf``).
+        save_merged: Write the final model in the Hugging Face layout, with its tokenizer (``step_N/hf``).
         batch_size: Examples per GLOBAL micro-batch (a multiple of the process count); each process
             takes its share, so a config gives the same updates on any number of processes.
     """
@@ -67,7 +68,7 @@ class Config(ShardingOptions, RunOptions):
     lr: float = 2e-5  # this recipe's default
     loss: str = "cross_entropy"
     loss_args: dict[str, Any] = field(default_factory=dict)
-    save_hf: bool = True
+    save_merged: bool = True  # this recipe's default; its folder is hf/
 
     def validate(self) -> None:
         """Rules across options, checked by ``build_config`` before anything loads (the launch's
@@ -109,11 +110,11 @@ def main(cfg: Config) -> dict[str, Any]:
     logger = metric_logger(cfg, total_steps, start_step=step, main_process=env.is_main)
 
     def save(at_step: int, final: bool = False) -> Path:
-        hf = {"tokenizer_dir": base.tokenizer_dir} if final and cfg.save_hf else None
+        outputs = run_output_writers(cfg, base, model, merged_folder="hf", env=env) if final else None  # hf/, gguf/
         return sharded_checkpoint.save_dcp_checkpoint(
             output_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
             micro_batches=at_step * cfg.grad_accum_steps, config_yaml=to_yaml(cfg), env=env,
-            keep_last=cfg.keep_last, hf_export=hf)
+            keep_last=cfg.keep_last, final_writers=outputs)
 
     def held_out(when: str) -> HeldOutReport:  # each rank evaluates its share; rank 0 reports
         report = held_out_report(model, tokenizer, val_batches, val_set, loss_fn, env.device, eval_metrics, cfg,
@@ -162,10 +163,11 @@ def main(cfg: Config) -> dict[str, Any]:
     # ---- after -------------------------------------------------------------------------------------
     after = held_out("after")
     final_dir = save(step, final=True)
+    push_run(cfg, final_dir, before, after, base.source, merged_folder="hf", env=env)  # push_to_hub=REPO, rank 0
     if env.is_main:
         report_file = write_held_out_report(output_dir, before, after)
         logger.close(artifacts=[report_file])  # not the full model: multi-GB uploads are the user's call
-        print(f"sharded checkpoint in {final_dir / 'sharded'}" + (f"; HF model in {final_dir / 'hf'}" if cfg.save_hf else ""))
+        print(f"sharded checkpoint in {final_dir / 'sharded'}" + (f"; HF model in {final_dir / 'hf'}" if cfg.save_merged else ""))
     teardown(env)
     return {"losses": losses, "grad_norms": grad_norms, "held_out_before": before.scores["loss"] if before else float("nan"),
             "held_out_after": after.scores["loss"], "held_out": (before, after), "checkpoint": final_dir}

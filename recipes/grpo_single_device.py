@@ -13,7 +13,7 @@
             for each micro-batch:  loss = loss_fn(log π_θ, log π_old, log π_ref, A) ; loss.backward()
             clip grad norm ; AdamW step
         LR schedule step ; log (rewards per function, KL, clip fraction, lengths, tokens/s) ; eval ; checkpoint
-    report held-out reward (after) ; final checkpoint (PEFT adapter / merged model)
+    report held-out reward (after) ; final checkpoint (PEFT adapter; merged/, gguf/) ; push_to_hub
 
 The policy loss is chosen by name or import path (``loss=dapo``, ``loss=my_losses.MyLoss``) with its
 ``loss_args``; every loss takes the same ``PolicyLogProbs`` (training/policy_losses.py). Rewards are
@@ -34,6 +34,7 @@ from tunesmith.models import apply_lora
 from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.models.lora import disable_adapters
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
+from tunesmith.training.final_outputs import push_run, run_output_writers
 from tunesmith.training.config import (
     ConfigError, NonNegativeInt, PositiveInt, Range, check_keyword_args, to_dict, to_yaml,
 )
@@ -87,7 +88,6 @@ class Config(RunOptions):
         loss_args: Keyword arguments of the loss class (``beta`` — the KL weight, 0 drops the
             reference pass — ``epsilon``, ``epsilon_low``/``epsilon_high``).
         logprob_chunk_size: Completion tokens projected to the vocabulary at once (0: all).
-        save_merged: Also write a merged full model in the HF layout at the end.
         sample_max_new_tokens: > 0 prints ``show_samples`` greedy answers to held-out prompts before and
             after (held-out answers are ``max_new_tokens`` long).
         eval_metric: Scores of the held-out answers besides the rewards (default: none; the rewards
@@ -107,7 +107,6 @@ class Config(RunOptions):
     loss: str = "grpo"
     loss_args: dict[str, Any] = field(default_factory=dict)
     logprob_chunk_size: NonNegativeInt = 1024
-    save_merged: bool = False
     output_dir: str = "output/grpo"  # this recipe's default
     lr: float = 1e-5  # this recipe's default
     warmup_steps: int = 0  # this recipe's default
@@ -169,8 +168,8 @@ def main(cfg: Config) -> dict[str, Any]:
         return save_adapter_checkpoint(
             output_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
             micro_batches=at_step * cfg.grad_accum_steps, lora=cfg.lora, base_model=base.source,
-            config_yaml=to_yaml(cfg), keep_last=cfg.keep_last, merged_tokenizer_dir=base.tokenizer_dir,
-            save_merged=final and cfg.save_merged)
+            config_yaml=to_yaml(cfg), keep_last=cfg.keep_last,
+            final_writers=run_output_writers(cfg, base, model) if final else None)  # merged/, gguf/
 
     def held_out(when: str) -> HeldOutReport:  # the rewards (and any eval_metric) of greedy answers
         scores = evaluate_rewards(model, tokenizer, val_set, reward_fns, weights, names, eval_metrics=eval_metrics,
@@ -270,6 +269,7 @@ def main(cfg: Config) -> dict[str, Any]:
     # ---- after -------------------------------------------------------------------------------------
     after = held_out("after")
     final_dir = save(step, final=True)
+    push_run(cfg, final_dir, before, after, base.source)  # push_to_hub=REPO
     report_file = write_held_out_report(output_dir, before, after)
     logger.close(artifacts=[final_dir / "adapter", report_file])
     print(f"adapter saved to {final_dir / 'adapter'}" + (f"; merged model in {final_dir / 'merged'}" if cfg.save_merged else ""))

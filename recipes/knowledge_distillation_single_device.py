@@ -11,7 +11,7 @@
             ce = Σ cross-entropy over labelled tokens (skipped when kd_ratio = 1)
             loss = ((1 − kd_ratio) · ce + kd_ratio · kd) / N ; loss.backward()
         clip grad norm ; AdamW step ; LR schedule step ; log ; eval ; checkpoint
-    report held-out KL and loss (after) ; final checkpoint (PEFT adapter / full model)
+    report held-out KL and loss (after) ; final checkpoint (PEFT adapter / full model; merged/, gguf/) ; push_to_hub
 
 The divergence is chosen by name or import path (``loss=reverse_kl``, ``loss=my_kd.MyDivergence``);
 every one takes the same arguments (training/distillation_losses.py).
@@ -29,6 +29,7 @@ import torch
 from tunesmith.models import apply_lora
 from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
+from tunesmith.training.final_outputs import push_run, run_output_writers
 from tunesmith.training.config import MISSING, ConfigError, Range, check_keyword_args, to_dict, to_yaml
 from tunesmith.training.distillation import evaluate_distillation, load_teacher, report_distillation
 from tunesmith.training.distillation_losses import build_distillation_loss, distillation_loss_class
@@ -67,7 +68,6 @@ class Config(RunOptions):
         loss_args: Keyword arguments of the loss class (``temperature``, ``chunk_size``; ``beta`` for ``jsd``).
         kd_ratio: Weight of the distillation term; the cross-entropy on the data's labels gets
             ``1 − kd_ratio`` (1: pure distillation, no CE pass).
-        save_merged: Also write a merged full model in the HF layout at the end.
     """
 
     data: DataOptions = field(default_factory=DataOptions)
@@ -80,7 +80,6 @@ class Config(RunOptions):
     loss: str = "forward_kl"
     loss_args: dict[str, Any] = field(default_factory=dict)
     kd_ratio: Annotated[float, Range(ge=0, le=1)] = 0.5
-    save_merged: bool = False
     output_dir: str = "output/kd"  # this recipe's default
 
     def validate(self) -> None:
@@ -132,11 +131,11 @@ def main(cfg: Config) -> dict[str, Any]:
 
     def save(at_step: int, final: bool = False) -> Path:
         common = dict(model=model, optimizer=optimizer, scheduler=scheduler, micro_batches=at_step * cfg.grad_accum_steps,
-                      config_yaml=to_yaml(cfg), keep_last=cfg.keep_last, save_merged=final and cfg.save_merged)
+                      config_yaml=to_yaml(cfg), keep_last=cfg.keep_last,
+                      final_writers=run_output_writers(cfg, base, model) if final else None)  # merged/, gguf/
         if cfg.full:
-            return save_full_checkpoint(output_dir, at_step, tokenizer_dir=base.tokenizer_dir, **common)
-        return save_adapter_checkpoint(output_dir, at_step, lora=cfg.lora, base_model=base.source,
-                                       merged_tokenizer_dir=base.tokenizer_dir, **common)
+            return save_full_checkpoint(output_dir, at_step, **common)
+        return save_adapter_checkpoint(output_dir, at_step, lora=cfg.lora, base_model=base.source, **common)
 
     def held_out(when: str) -> HeldOutReport:  # KL to the teacher, the student's loss, its greedy answers scored
         report = HeldOutReport(when, scores=evaluate_distillation(model, teacher, val_batches, device,
@@ -198,6 +197,7 @@ def main(cfg: Config) -> dict[str, Any]:
         print(f"held-out KL: {kl_before:.4f} before → {kl_after:.4f} after "
               f"({100 * (1 - kl_after / max(1e-12, kl_before)):.0f}% lower)")
     final_dir = save(step, final=True)
+    push_run(cfg, final_dir, before, after, base.source)  # push_to_hub=REPO
     report_file = write_held_out_report(output_dir, before, after)
     logger.close(artifacts=[report_file] + ([] if cfg.full else [final_dir / "adapter"]))  # not a full model
     what = "model" if cfg.full else "adapter"

@@ -9,7 +9,7 @@
         clip the global grad norm ; AdamW step on my adapter shards ; LR schedule step
         log (loss, lr, grad norm, tokens/s, memory) ; every eval_every: held-out loss
         every save_every: checkpoint (gathered adapters + optimizer state, the single-device format)
-    report held-out loss and a sample answer (after) ; final checkpoint (+ merged model, tensor by tensor)
+    report held-out loss and a sample answer (after) ; final checkpoint (+ merged/, gguf/, tensor by tensor) ; push_to_hub
 
 The loop is ``lora_single_device``'s; the lines that differ are marked ``# FSDP``. Launch:
 ``tune-run lora_distributed --config llama3_1_70b --nproc-per-node 8 quantize_base=true`` (add
@@ -34,6 +34,7 @@ from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.recipes import lora_single_device
 from tunesmith.recipes.lora_single_device import build_loss
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
+from tunesmith.training.final_outputs import push_run, run_output_writers
 from tunesmith.training.config import to_dict, to_yaml
 from tunesmith.training.eval_metrics import load_eval_metrics
 from tunesmith.training.evaluation import HeldOutReport, evaluate_loss, held_out_report, write_held_out_report
@@ -106,8 +107,8 @@ def main(cfg: Config) -> dict[str, Any]:
         return save_adapter_checkpoint(
             output_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
             micro_batches=at_step * cfg.grad_accum_steps, lora=cfg.lora, base_model=base.source,
-            config_yaml=to_yaml(cfg), keep_last=cfg.keep_last, merged_tokenizer_dir=base.tokenizer_dir,
-            save_merged=final and cfg.save_merged, env=env)
+            config_yaml=to_yaml(cfg), keep_last=cfg.keep_last, env=env,
+            final_writers=run_output_writers(cfg, base, model, env=env) if final else None)  # merged/, gguf/
 
     def held_out(when: str) -> HeldOutReport:  # FSDP: each rank evaluates its share; rank 0 reports
         report = held_out_report(model, tokenizer, val_batches, val_set, loss_fn, env.device, eval_metrics, cfg,
@@ -157,6 +158,7 @@ def main(cfg: Config) -> dict[str, Any]:
     # ---- after -------------------------------------------------------------------------------------
     after = held_out("after")
     final_dir = save(step, final=True)
+    push_run(cfg, final_dir, before, after, base.source, env=env)  # push_to_hub=REPO, from rank 0
     if env.is_main:
         report_file = write_held_out_report(output_dir, before, after)
         logger.close(artifacts=[final_dir / "adapter", report_file])

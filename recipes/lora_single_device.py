@@ -8,7 +8,7 @@
         clip grad norm ; AdamW step ; LR schedule step
         log (loss, lr, grad norm, tokens/s, memory) ; every eval_every: held-out loss
         every save_every: checkpoint (adapter, optimizer, schedule, RNG, data position)
-    report held-out loss and eval_metric (after) ; final checkpoint (+ merged model) ; before → after table
+    report held-out loss and eval_metric (after) ; final checkpoint (+ merged/, gguf/) ; push_to_hub ; before → after table
 
 Copy it out (``tune-run cp lora_single_device my_lora.py``), edit the loop, and run the copy with
 ``tune-run my_lora.py --config smollm2_135m``. Everything the loop calls is a small library function.
@@ -26,6 +26,7 @@ import torch
 from tunesmith.models import apply_lora
 from tunesmith.models.host_memory import keep_freed_host_memory
 from tunesmith.training.checkpointing import remove_stale_temp_dirs, resume_latest, save_adapter_checkpoint
+from tunesmith.training.final_outputs import push_run, run_output_writers
 from tunesmith.training.config import ConfigError, check_keyword_args, to_dict, to_yaml
 from tunesmith.training.eval_metrics import load_eval_metrics
 from tunesmith.training.evaluation import HeldOutReport, evaluate_loss, held_out_report, write_held_out_report
@@ -71,7 +72,6 @@ class Config(RunOptions):
             class (see training/losses.py).
         loss_args: Keyword arguments for the loss class; ``chunk_size`` for ``cross_entropy``
             (smaller: less memory for logits, slightly slower; 0: one chunk).
-        save_merged: Also write a merged full model in the HF layout at the end.
     """
 
     data: DataOptions = field(default_factory=DataOptions)
@@ -82,7 +82,6 @@ class Config(RunOptions):
     compile: bool = False
     loss: str = "cross_entropy"
     loss_args: dict[str, Any] = field(default_factory=dict)
-    save_merged: bool = False
 
     def validate(self) -> None:
         """Rules across options, checked by ``build_config`` before anything loads."""
@@ -141,8 +140,8 @@ def main(cfg: Config) -> dict[str, Any]:
         return save_adapter_checkpoint(
             output_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
             micro_batches=at_step * cfg.grad_accum_steps, lora=cfg.lora, base_model=base.source,
-            config_yaml=to_yaml(cfg), keep_last=cfg.keep_last, merged_tokenizer_dir=base.tokenizer_dir,
-            save_merged=final and cfg.save_merged)
+            config_yaml=to_yaml(cfg), keep_last=cfg.keep_last,
+            final_writers=run_output_writers(cfg, base, model) if final else None)  # merged/, gguf/
 
     def held_out(when: str) -> HeldOutReport:
         report = held_out_report(model, tokenizer, val_batches, val_set, loss_fn, device, eval_metrics, cfg,
@@ -191,6 +190,7 @@ def main(cfg: Config) -> dict[str, Any]:
     # ---- after -------------------------------------------------------------------------------------
     after = held_out("after")
     final_dir = save(step, final=True)
+    push_run(cfg, final_dir, before, after, base.source)  # push_to_hub=REPO
     report_file = write_held_out_report(output_dir, before, after)
     logger.close(artifacts=[final_dir / "adapter", report_file])
     print(f"adapter saved to {final_dir / 'adapter'}" + (f"; merged model in {final_dir / 'merged'}" if cfg.save_merged else ""))

@@ -77,7 +77,9 @@ def test_cp_then_run_the_copy(tmp_path):
     assert r.returncode == 0, r.stderr
     copied = tmp_path / "my_recipe.py"
     # Edit the copy: a new option with a default; the copy runs with its own Config.
-    text = copied.read_text().replace("    save_merged: bool = False\n", "    save_merged: bool = False\n    my_new_knob: int = 7\n")
+    anchor = '    loss: str = "cross_entropy"\n'
+    assert anchor in copied.read_text()
+    text = copied.read_text().replace(anchor, anchor + "    my_new_knob: int = 7\n")
     copied.write_text(text)
     r = tune_run(str(copied), "--config", "llama3_2_1b", "my_new_knob=9", "--dry-run")
     assert r.returncode == 0, r.stderr

@@ -99,11 +99,12 @@ def runs(tiny_llama_dir, tiny_gemma_dir, big_llama_dir, tiny_data, tiny_pref_dat
     # Gemma: rank 3 and 401 rows do not split evenly over 2 ranks (FSDP pads); the adapted head is tied.
     gemma = {"model": str(tiny_gemma_dir), "lora": {"rank": 3, "alpha": 6.0, "targets": ["q_proj", "v_proj", "output"]}}
     variants = {  # name: (single-device recipe, distributed recipe, values)
-        "lora": ("lora_single_device", "lora_distributed", lambda out: lora(out, save_merged=True)),
-        "qlora": ("qlora_single_device", "qlora_distributed", lambda out: lora(out, dtype="fp32")),
+        "lora": ("lora_single_device", "lora_distributed", lambda out: lora(out, save_merged=True, save_gguf="f32")),
+        "qlora": ("qlora_single_device", "qlora_distributed",
+                  lambda out: lora(out, dtype="fp32", save_merged=True, save_gguf="f32")),
         "dpo": ("dpo_single_device", "dpo_distributed", lambda out: dpo(out)),
         "dpo_full": ("dpo_single_device", "dpo_distributed",
-                     lambda out: dpo(out, full=True, lr=1e-3, save_merged=True)),
+                     lambda out: dpo(out, full=True, lr=1e-3, save_merged=True, save_gguf=["f32", "q8_0"])),
         "gemma": ("lora_single_device", "lora_distributed",
                   lambda out: common(out, tiny_data, save_merged=True, lr=3e-3) | gemma),
     }
@@ -132,7 +133,7 @@ def runs(tiny_llama_dir, tiny_gemma_dir, big_llama_dir, tiny_data, tiny_pref_dat
              "result": str(tmp / "nf4.json")},
             {"job": "gradient_memory", "tokens": tokens, "result": str(tmp / "gradient_memory.json"),
              "values": {"model": str(big_llama_dir), **common(tmp / "big", tiny_data, batch_size=2, max_steps=2,
-                                                              save_every=0, eval_batches=1, save_hf=False)}},
+                                                              save_every=0, eval_batches=1, save_merged=False)}},
         ]
         code, log = torchrun(tmp / "launch", jobs)
         assert code == 0, log[-4000:]
@@ -187,6 +188,21 @@ def test_two_processes_equal_one_process_equal_single_device(runs, variant):
         merged = Path(two["checkpoint"]) / "merged"
         assert not json.loads((merged / "config.json").read_text())["tie_word_embeddings"]
         assert "lm_head.weight" in weights(merged, "model.safetensors")
+
+
+@pytest.mark.parametrize("variant", ["lora", "qlora", "dpo_full"])
+def test_gguf_gathered_over_two_processes_is_the_merged_model(runs, variant):
+    """save_gguf under FSDP: every rank takes part in each tensor's gather (QLoRA: of its NF4 rows,
+    dequantized and merged), rank 0 writes each file."""
+    from tunesmith.models import load_pretrained
+
+    final = Path(runs["two"][variant]["checkpoint"])
+    types = ["f32", "q8_0"] if variant == "dpo_full" else ["f32"]
+    assert sorted(p.name for p in (final / "gguf").iterdir()) == sorted(["Modelfile", *(f"model-{t}.gguf" for t in types)])
+    with torch.no_grad():
+        ours = load_pretrained(str(final / "gguf" / "model-f32.gguf"), dtype=torch.float32)(TOKENS)
+        merged = load_pretrained(str(final / "merged"), dtype=torch.float32)(TOKENS)
+    assert (ours - merged).abs().max().item() <= 1e-4
 
 
 def test_checkpoints_move_between_process_counts_and_survive_a_killed_rank(runs):

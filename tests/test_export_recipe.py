@@ -4,11 +4,6 @@ GGUF back in our loader, the Ollama Modelfile, user errors, and the Hub upload t
 
 from __future__ import annotations
 
-import base64
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 import torch
 import yaml
@@ -16,6 +11,7 @@ import yaml
 transformers = pytest.importorskip("transformers")
 
 from export_helpers import with_lora  # noqa: E402
+from hub_standin import standin_hub  # noqa: E402
 
 from tunesmith.data import load_tokenizer  # noqa: E402
 from tunesmith.models import load_pretrained, save_hf_checkpoint, save_peft_adapter  # noqa: E402
@@ -81,7 +77,8 @@ def test_full_finetune_hf_folder_takes_its_tokenizer_from_the_runs_model(tiny_ll
 
 
 @pytest.mark.parametrize("override,message", [
-    ("gguf=[q9_0]", "unknown type(s) ['q9_0']"),
+    ("gguf=[q9_0]", "config key 'gguf'"),
+    ("push_to_hub=not_a_repo", "config key 'push_to_hub'"),
     ("checkpoint=/no/such/run", "no such folder"),
     ("merged_dtype=fp8", "merged_dtype must be one of"),
 ])
@@ -94,63 +91,10 @@ def test_user_errors_exit_2_naming_the_option(override, message, lora_step, tmp_
 
 
 # ---- the Hub ----------------------------------------------------------------------------------------
-class StandInHub(BaseHTTPRequestHandler):
-    """The Hub API endpoints a create_repo + create_commit upload uses; records what it gets."""
-
-    received: dict = {}
-
-    def log_message(self, *args):  # keep pytest's output clean
-        pass
-
-    def _reply(self, body: dict, status: int = 200) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self):  # noqa: N802 (http.server's naming)
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        got = self.received
-        got.setdefault("auth", set()).add(self.headers.get("Authorization"))
-        base = f"http://{self.server.server_address[0]}:{self.server.server_address[1]}"
-        if self.path == "/api/repos/create":
-            got["create"] = json.loads(body)
-            return self._reply({"url": f"{base}/{got['create']['organization']}/{got['create']['name']}"})
-        if self.path == "/api/validate-yaml":  # the client checks a README's metadata before committing it
-            got["validated"] = json.loads(body)["content"]
-            return self._reply({"errors": [], "warnings": []})
-        if "/preupload/" in self.path:
-            files = json.loads(body)["files"]
-            return self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                          for f in files]})
-        if "/commit/" in self.path:
-            got["commit_path"] = self.path
-            lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
-            got["header"] = next(x["value"] for x in lines if x["key"] == "header")
-            got["files"] = {x["value"]["path"]: base64.b64decode(x["value"]["content"])
-                            for x in lines if x["key"] == "file"}
-            return self._reply({"commitUrl": f"{base}/me/tiny-chat/commit/{'a' * 40}", "commitOid": "a" * 40,
-                                "success": True})
-        return self._reply({"error": f"stand-in Hub has no {self.path}"}, status=404)
-
-
 @pytest.fixture
 def hub(monkeypatch):
-    import huggingface_hub
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StandInHub)
-    StandInHub.received = {}
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)  # read once at import
-    monkeypatch.setenv("HF_TOKEN", "hf_standin_token")
-    yield StandInHub.received
-    server.shutdown()
-    server.server_close()
+    with standin_hub(monkeypatch) as received:
+        yield received
 
 
 def test_push_to_hub_uploads_merged_gguf_adapter_and_card_in_one_commit(lora_step, hub, tiny_llama_dir, tmp_path):

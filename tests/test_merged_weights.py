@@ -53,43 +53,60 @@ def test_nf4_bases_stream_dense():
     torch.testing.assert_close(stream["layers.1.mlp.down_proj.weight"], down.merged_weight(), atol=0, rtol=0)
 
 
-def test_hf_writer_writes_each_file_as_soon_as_it_is_full(tmp_path, monkeypatch):
-    """The writer never holds more than one file's tensors: file k is on disk before the stream yields
-    a tensor of file k + 1. The split checkpoint loads back to the same model."""
+def test_hf_writer_writes_each_tensor_before_the_next_is_made(tmp_path, monkeypatch):
+    """The writer holds no merged tensor beyond the current one: each is appended to its safetensors file
+    before the stream yields the next (also across files). The split checkpoint loads back to the same model."""
+    from tunesmith.models.safetensors_stream import SafetensorsStream
+
     model = lora_model(tie=False)
     events: list[str] = []
-    real_save = hf_checkpoint.save_file
     import tunesmith.models.merged_weights as merged_weights
 
-    real_stream = merged_weights.iter_merged_tensors
+    real_stream, real_write = merged_weights.iter_merged_tensors, SafetensorsStream.write
 
     def recording_stream(m):
         for name, t in real_stream(m):
             events.append(f"tensor {name}")
             yield name, t
 
-    def recording_save(tensors, path, metadata=None):
-        events.append(f"file {path.name}")
-        return real_save(tensors, path, metadata=metadata)
+    def recording_write(self, name, tensor):
+        events.append(f"write {name}")
+        return real_write(self, name, tensor)
 
     monkeypatch.setattr(merged_weights, "iter_merged_tensors", recording_stream)
-    monkeypatch.setattr(hf_checkpoint, "save_file", recording_save)
+    monkeypatch.setattr(SafetensorsStream, "write", recording_write)
     out = save_hf_checkpoint(model, tmp_path / "hf", max_shard_bytes=40_000)
-    files = [e for e in events if e.startswith("file")]
-    assert len(files) > 3
-    # Between two file writes come only the tensors of the second file.
     index = __import__("json").loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    files = sorted(set(index.values()))
+    assert len(files) > 3
     table = {ours: hf for hf, ours in hf_checkpoint.llama_hf.hf_to_ours(model.config).items() if ours}
-    current: set[str] = set()
-    for event in events:
-        kind, name = event.split(" ", 1)
-        if kind == "tensor":
-            current.add(index[table[name]])
-        else:
-            assert current <= {name}, f"{name} written while tensors of {current - {name}} were still pending"
-            current = set()
+    expected = [e for name in (e.split(" ", 1)[1] for e in events if e.startswith("tensor"))
+                for e in (f"tensor {name}", f"write {table[name]}")]
+    assert events == expected  # tensor, its write, next tensor, its write, ...
     reloaded = load_pretrained(out)
     tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(tokens), model(tokens), atol=1e-5, rtol=0)
-    assert set(load_file(out / files[0].split(" ", 1)[1]))  # a real safetensors file
+    assert set(load_file(out / files[0]))  # a real safetensors file
+
+
+def test_safetensors_stream_refuses_out_of_order_and_removes_an_incomplete_file(tmp_path):
+    import pytest
+
+    from tunesmith.models.safetensors_stream import SafetensorsStream
+
+    specs = [("a", (2, 3), torch.bfloat16), ("b", (4,), torch.float32)]
+    stream = SafetensorsStream(tmp_path / "x.safetensors", specs, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="expected 'a'"):
+        stream.write("b", torch.zeros(4))
+    stream.write("a", torch.arange(6.0).reshape(2, 3))
+    with pytest.raises(ValueError, match="ended before 'b'"):
+        stream.close()
+    assert not (tmp_path / "x.safetensors").exists()
+    stream = SafetensorsStream(tmp_path / "y.safetensors", specs)
+    stream.write("a", torch.arange(6.0).reshape(2, 3))
+    stream.write("b", torch.ones(4, dtype=torch.float64))  # cast to the planned dtype
+    stream.close()
+    back = load_file(tmp_path / "y.safetensors")
+    assert back["a"].dtype == torch.bfloat16 and torch.equal(back["a"].float(), torch.arange(6.0).reshape(2, 3))
+    assert back["b"].dtype == torch.float32 and torch.equal(back["b"], torch.ones(4))

@@ -27,6 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hub_standin import standin_hub
 from recipe_helpers import run_until_checkpoint
 from tunesmith.models.llama import Llama
 from tunesmith.training.config import ConfigError, build_config
@@ -83,6 +84,8 @@ DISTILLATION_TAGS = {"train/loss", "train/kd_loss", "train/ce_loss", "train/lr",
                      "train/peak_mem_gib", "val/kl", "val/loss"}
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj", "o_proj", "down_proj", "output"]}
 SEQUENCES = {"max_seq_len": 64, "packing": True}  # the data options of every kind trained on token sequences
+# What the full run's final checkpoint also writes and uploads (the runs stopped and resumed write none).
+FINAL_OUTPUTS = {"save_merged": True, "save_gguf": "f32", "push_to_hub": "me/contract-run"}
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,7 @@ class Runs:
     packed_rows: list[int]  # documents per row of every training forward (from a spy on the model)
     resumed: dict
     out: Path
+    hub: dict  # what the stand-in Hub received from the full run
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: c.id or c.recipe)
@@ -197,15 +201,15 @@ def runs(request, tiny_llama_dir, tmp_path_factory) -> Runs:
         patch.setattr(Llama, "hidden_states", spy)
         stdout, stderr = io.StringIO(), io.StringIO()
         try:
-            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-                full = module.main(build_config(module.Config, values(tmp / "full"), []))
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), standin_hub(patch) as hub:
+                full = module.main(build_config(module.Config, values(tmp / "full") | FINAL_OUTPUTS, []))
             spied = list(packed_rows)
             run_until_checkpoint(patch, lambda: module.main(build_config(module.Config, values(tmp / "split"), [])),
                                  stop_step=SAVE_AT)
             resumed = module.main(build_config(module.Config, values(tmp / "split") | {"resume": True}, []))
         finally:
             torch.set_num_threads(threads)
-    return Runs(case, module, values, full, stdout.getvalue(), stderr.getvalue(), spied, resumed, tmp)
+    return Runs(case, module, values, full, stdout.getvalue(), stderr.getvalue(), spied, resumed, tmp, dict(hub))
 
 
 def test_config_is_typed_and_unknown_keys_are_refused(runs):
@@ -261,3 +265,48 @@ def test_resume_after_a_checkpoint_gives_the_same_losses_and_weights(runs):
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
     assert runs.full["losses"][-1] != runs.full["losses"][0]  # it trained
+
+
+def merged_folder(runs: Runs) -> Path:
+    """The final checkpoint's HF folder: ``hf/`` for the full fine-tune, ``merged/`` otherwise."""
+    return runs.full["checkpoint"] / ("hf" if runs.case.recipe == "full_finetune_distributed" else "merged")
+
+
+def test_save_gguf_writes_the_merged_model_beside_the_merged_folder(runs):
+    from tunesmith.models import load_pretrained
+
+    final = runs.full["checkpoint"]
+    gguf_file = final / "gguf" / "model-f32.gguf"
+    assert gguf_file.is_file() and (final / "gguf" / "Modelfile").read_text().startswith("FROM ./model-f32.gguf\n")
+    tokens = torch.tensor([[1, 5, 9, 42, 7, 3, 11]])
+    with torch.no_grad():  # the GGUF holds exactly the merged model (bf16 runs: bf16 values, read in fp32)
+        ours = load_pretrained(str(gguf_file), dtype=torch.float32)(tokens)
+        merged = load_pretrained(str(merged_folder(runs)), dtype=torch.float32)(tokens)
+    assert (ours - merged).abs().max().item() <= 1e-4
+
+
+def test_merged_folder_stands_alone_with_tokenizer_and_generation_config(runs):
+    transformers = pytest.importorskip("transformers")
+    from tunesmith.data import load_tokenizer
+
+    folder = merged_folder(runs)
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in folder.iterdir()}
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    assert hf("red green blue cat").input_ids == load_tokenizer(str(folder)).encode("red green blue cat")
+
+
+def test_push_to_hub_uploads_adapter_merged_gguf_and_card(runs):
+    hub = runs.hub
+    assert hub["create"] == {"name": "contract-run", "organization": "me", "visibility": "private"}
+    assert hub["commit_path"] == "/api/models/me/contract-run/commit/main"
+    files = set(hub["files"])
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "model-f32.gguf",
+            "Modelfile", "README.md"} <= files
+    lora = "lora" in runs.values(runs.out) and not runs.case.values.get("full")
+    assert ("adapter/adapter_config.json" in files) == lora
+    card = hub["files"]["README.md"].decode()
+    held_out = runs.full["held_out"]
+    first = next(iter(held_out[1].scores))  # the kind's first held-out score, before and after
+    assert f"| {first} (before) | {held_out[0].scores[first]:.4f} |" in card
+    assert f"| {first} (after) | {held_out[1].scores[first]:.4f} |" in card
+    assert "Training data: `" in card and "```yaml\n" in card and "save_gguf:" in card

@@ -8,7 +8,8 @@ Layout (one folder per saved step; the newest is the one a resume continues from
         training_state.pt       optimizer, LR schedule, RNG, step, data position
         config.yaml             the resolved config of the run
         adapter/                PEFT adapter  (recipes that train LoRA)
-        merged/                 full HF model (when ``save_merged=true``)
+        merged/                 full HF model + tokenizer files (final checkpoint, ``save_merged=true``)
+        gguf/                   model-<type>.gguf + Modelfile (final checkpoint, ``save_gguf=[…]``)
       step_000100/ ...
       LATEST                    name of the newest complete step folder
 
@@ -523,21 +524,20 @@ def save_adapter_checkpoint(
     base_model: str,
     config_yaml: str,
     keep_last: int = 2,
-    merged_tokenizer_dir: str | None = None,
-    save_merged: bool = False,
+    final_writers: dict[str, Callable[[Path], Any]] | None = None,
     env: Any = None,
 ) -> Path:
-    """Checkpoint a LoRA run: adapter weights + training state (resume), PEFT adapter, merged model.
+    """Checkpoint a LoRA run: adapter weights + training state (resume), PEFT adapter, serving outputs.
 
     Args:
         lora: The run's ``LoRAOptions`` (rank, alpha, dropout, targets → ``adapter_config.json``).
         base_model: Recorded as the adapter's ``base_model_name_or_path``.
-        merged_tokenizer_dir: Tokenizer files copied next to a merged model.
-        save_merged: Also write the merged full model (HF layout) into ``merged/``.
+        final_writers: The final checkpoint's serving outputs (``merged/``, ``gguf/``), from
+            ``final_outputs.run_output_writers``; collective under FSDP (every rank runs them).
         env: The process group of a distributed run: every rank calls this; the adapters and
             their optimizer state are gathered whole and rank 0 writes the one-process format.
     """
-    from tunesmith.models import save_hf_checkpoint, save_peft_adapter
+    from tunesmith.models import save_peft_adapter
     from tunesmith.models.lora import lora_state_dict
     from tunesmith.training.process_group import gather_objects
     from tunesmith.training.sharding import full_tensor, reshard
@@ -552,12 +552,8 @@ def save_adapter_checkpoint(
         "adapter": lambda path: save_peft_adapter(model, path, base_model=base_model, rank=lora.rank, alpha=lora.alpha,
                                                   dropout=lora.dropout, targets=list(lora.targets), tensors=trainable),
     }
-    collective: dict[str, Callable[[Path], Any]] = {}
-    if save_merged:  # full model with the update folded in, HF layout (+ tokenizer files), tensor by tensor
-        collective["merged"] = lambda path: save_hf_checkpoint(model, path, tokenizer_dir=merged_tokenizer_dir,
-                                                               write_files=not sharded or env.is_main)
     return save_checkpoint(output_dir, step, trainable=trainable, state=state, config_yaml=config_yaml,
-                           extra_writers=writers, keep_last=keep_last, env=env, collective_writers=collective,
+                           extra_writers=writers, keep_last=keep_last, env=env, collective_writers=final_writers,
                            rank_rngs=gather_objects(rng_state(), env) if sharded else None)
 
 

@@ -93,8 +93,8 @@ def load_teacher(source: str, tokenizer_source: str | None, student: nn.Module, 
         source: A LoRA checkpoint folder (``OUTPUT_DIR/step_N``: its base with the adapter merged), a
             local HF folder, Hub id, ``.gguf`` file or ``package:MODULE/FILE``.
         tokenizer_source: The teacher's tokenizer when it is not beside its weights; ``None``: the
-            teacher's own, if its folder has one (a merged checkpoint of a GGUF base has none, and is
-            then taken to use the student's: the vocabulary sizes are still compared).
+            teacher's own, if its folder has one (else it is taken to use the student's: the vocabulary
+            sizes are still compared).
         student: The student model (its vocabulary size is compared).
         student_tokenizer: The student's tokenizer (its encodings are compared).
         dtype: Weight dtype of the teacher.

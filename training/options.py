@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
+from tunesmith.models.gguf_writer import FILE_TYPES
 from tunesmith.models.lora import FUSED_LORA_TARGETS, LORA_TARGETS
 from tunesmith.training import sources
 from tunesmith.training.config import (
@@ -42,6 +43,12 @@ Fraction = Annotated[float, Range(gt=0, lt=1)]
 Dropout = Annotated[float, Range(ge=0, lt=1)]
 SeqLen = Annotated[int, Range(ge=2)]
 LoRATarget = Literal[LORA_TARGETS + FUSED_LORA_TARGETS]  # q_proj … down_proj output; Phi-3: qkv_proj gate_up_proj
+K_QUANT_REFUSED = (f"a K-quant: the gguf package reads K-quants but cannot write them; choose from {', '.join(FILE_TYPES)} "
+                   "(4-bit: q4_0, q4_1), or quantize our f16 file with llama.cpp's llama-quantize")
+GgufType = Annotated[Literal[tuple(FILE_TYPES)],  # f32 f16 bf16 q8_0 q4_0 q4_1: what models/gguf_writer.py writes
+                     Refuse(**{k: K_QUANT_REFUSED for k in ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
+                                                             "q5_k_s", "q5_k_m", "q6_k")})]
+HubRepo = Annotated[str, Pattern(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", "a Hub repo id: user/name or org/name")]
 
 
 @dataclass
@@ -223,6 +230,19 @@ class RunOptions(ModelOptions):
             held-out report) at the end. wandb and mlflow are extras: ``pip install "tunesmith[wandb]"``.
         wandb: W&B project/entity (see ``WandbOptions``); W&B's own ``WANDB_*`` variables work too.
         mlflow: MLflow tracking URI/experiment (see ``MLflowOptions``).
+
+        What the final checkpoint carries besides the training state (see training/final_outputs.py):
+
+        save_merged: Write the final model, LoRA merged in, as a Hugging Face folder that stands alone
+            (weights, config, tokenizer files with the chat template, generation_config.json):
+            ``step_N/merged`` (the full fine-tune: ``step_N/hf``).
+        save_gguf: GGUF files of the final (merged) model for llama.cpp / Ollama, one per type:
+            ``step_N/gguf/model-<type>.gguf`` (types f32, f16, bf16, q8_0, q4_0, q4_1; ``[]``: none), with
+            an Ollama ``Modelfile`` beside them pointing at the first.
+        push_to_hub: Hub repo id (``user/name``): at the end, upload the adapter, the merged folder and
+            the GGUF files with a model card (base model, data, config, held-out scores before/after) in
+            one commit; the token comes from ``HF_TOKEN``. Unset: no upload.
+        hub_private: Create that repo private (an existing repo keeps its visibility).
     """
 
     seed: NonNegativeInt = 0
@@ -249,6 +269,10 @@ class RunOptions(ModelOptions):
     logger: list[LoggerName] = field(default_factory=lambda: ["tensorboard"])
     wandb: WandbOptions = field(default_factory=WandbOptions)
     mlflow: MLflowOptions = field(default_factory=MLflowOptions)
+    save_merged: bool = False
+    save_gguf: list[GgufType] = field(default_factory=list)
+    push_to_hub: HubRepo | None = None
+    hub_private: bool = True
 
     def validate(self) -> None:
         from tunesmith.training.eval_metrics import load_eval_metrics

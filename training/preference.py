@@ -407,18 +407,17 @@ def preference_report(model: nn.Module, tokenizer: Any, batches: BatchStream, da
 
 def save_full_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                          scheduler: Any, micro_batches: int, config_yaml: str, keep_last: int = 2,
-                         tokenizer_dir: str | None = None, save_merged: bool = False) -> Path:
-    """Checkpoint a full-weights run: every trainable tensor + training state; the HF model in ``merged/``.
+                         final_writers: dict[str, Any] | None = None) -> Path:
+    """Checkpoint a full-weights run: every trainable tensor + training state (+ the serving outputs).
 
     Args:
-        save_merged: Also write the whole model in the HF layout (the final checkpoint, usually).
+        final_writers: The final checkpoint's ``merged/`` and ``gguf/`` writers
+            (``final_outputs.run_output_writers``).
     """
-    from tunesmith.models import save_hf_checkpoint
     from tunesmith.training.checkpointing import TrainingState, rng_state, save_checkpoint
 
     state = TrainingState(step=step, micro_batches=micro_batches, optimizer=optimizer.state_dict(),
                           scheduler=scheduler.state_dict(), rng=rng_state())
     trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    writers = {"merged": lambda path: save_hf_checkpoint(model, path, tokenizer_dir=tokenizer_dir)} if save_merged else {}
     return save_checkpoint(output_dir, step, trainable=trainable, state=state, config_yaml=config_yaml,
-                           extra_writers=writers, keep_last=keep_last)
+                           keep_last=keep_last, collective_writers=final_writers)

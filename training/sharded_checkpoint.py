@@ -16,7 +16,7 @@ import contextlib
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +65,7 @@ def save_dcp_checkpoint(
     config_yaml: str,
     env: DistEnv,
     keep_last: int = 2,
-    hf_export: dict[str, Any] | None = None,
-    hf_folder: str = "hf",
+    final_writers: dict[str, Callable[[Path], Any]] | None = None,
 ) -> Path:
     """Write ``output_dir/step_NNNNNN`` atomically; every rank writes only its own shards.
 
@@ -77,20 +76,18 @@ def save_dcp_checkpoint(
           training_state.pt     step, data position, LR schedule, rank 0's RNG
           rng/rank_R.pt         each rank's RNG
           config.yaml
-          hf/                   (final checkpoint) the model in Hugging Face layout
+          hf/ (or merged/)      (final checkpoint) the model in Hugging Face layout, with its tokenizer
+          gguf/                 (final checkpoint, save_gguf) model-<type>.gguf + Modelfile
 
     All ranks write into ``.tmp-step_NNNNNN``; after a barrier (every shard is on disk) rank 0
     renames it into place and updates ``LATEST``. A rank that dies before the rename leaves only
     the temp folder, which the next start deletes: the previous checkpoint stays the newest.
 
     Args:
-        hf_export: Keyword arguments for ``save_hf_checkpoint`` (``tokenizer_dir``, ``dtype``) to
-            also write the HF model (gathered tensor by tensor) in the same atomic save; ``None``
-            skips it.
-        hf_folder: Subfolder of the HF model (``hf`` for the full fine-tune, ``merged`` for DPO).
+        final_writers: ``{subfolder: write(path)}`` of the final checkpoint's serving outputs (``hf/`` or
+            ``merged/``, ``gguf/``; ``final_outputs.run_output_writers``), run on every rank in the same
+            atomic save: they gather tensor by tensor and rank 0 writes.
     """
-    from tunesmith.models.hf_checkpoint import save_hf_checkpoint
-
     output_dir = Path(output_dir)
     final = output_dir / step_dir_name(step)
     if final.is_dir():  # a step is saved once: only a resumed, already finished run gets here
@@ -110,8 +107,8 @@ def save_dcp_checkpoint(
     with _one_process_dcp(env):
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / _SHARDS), no_dist=not env.sharded)
     torch.save(rng_state(), tmp / "rng" / f"rank_{env.rank}.pt")
-    if hf_export is not None:  # collective: every rank gathers, rank 0 writes
-        save_hf_checkpoint(model, tmp / hf_folder, write_files=env.is_main, **hf_export)
+    for name, write in (final_writers or {}).items():  # collective: every rank gathers, rank 0 writes
+        write(tmp / name)
     if env.is_main:
         state = TrainingState(step=step, micro_batches=micro_batches, optimizer={}, scheduler=scheduler.state_dict(),
                               rng=rng_state())
