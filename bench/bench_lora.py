@@ -131,14 +131,17 @@ def tunesmith_side(args: argparse.Namespace, dtype: torch.dtype, device: torch.d
     return run
 
 
-def lora_run(args: argparse.Namespace, step: Callable, batches: list[dict[str, torch.Tensor]], cfg: Any) -> SideRun:
-    """A LoRA side's SideRun: tokens counted without padding, FLOPs of LoRA r=8 q/v on the labelled positions."""
+def lora_run(args: argparse.Namespace, step: Callable, batches: list[dict[str, torch.Tensor]], cfg: Any,
+             full: bool = False) -> SideRun:
+    """A side's SideRun: tokens counted without padding, FLOPs of LoRA r=8 q/v (or, ``full``, of
+    training every weight, the head's chunks recomputed) on the labelled positions."""
     from tunesmith.training.flops import train_step_flops
 
     b = batches[-1]
     rows, seq = b["tokens"].shape
     labelled = int((b["labels"] != -100).sum())
-    flops = train_step_flops(cfg, rows=rows, seq_len=seq, targets=TARGETS, rank=RANK, labelled=labelled).total
+    flops = train_step_flops(cfg, rows=rows, seq_len=seq, targets=TARGETS, rank=RANK, labelled=labelled, full=full,
+                             head_recompute=full and 0 < args.chunk_size < labelled).total
     tokens = [int(x["lengths"].sum()) if "lengths" in x else x["tokens"].numel() for x in batches]
     return SideRun(step, batches, tokens, [x["tokens"].shape[0] for x in batches], flops, cfg, gemm_tokens=rows * seq)
 
