@@ -37,23 +37,31 @@ def worker(args: argparse.Namespace) -> None:
 
     from tunesmith.training.cli import resolve_config_path
     from tunesmith.training.config import build_config, load_yaml
-    from tunesmith.training.metrics import MetricLogger, peak_memory_gib
+    from tunesmith.training.metrics import peak_memory_gib
     from tunesmith.training.process_group import barrier, gather_objects, init_distributed
 
     recipe = importlib.import_module(f"tunesmith.recipes.{args.recipe}")
     steps: list[dict[str, float]] = []
 
-    class RecordingLogger(MetricLogger):
-        def log(self, step: int, scalars: dict[str, float], *, advance: bool = True) -> None:
+    build_logger = recipe.metric_logger
+
+    def recording_logger(*a, **k):  # the recipe's logger, also keeping each step's scalars here
+        logger = build_logger(*a, **k)
+        log = logger.log
+
+        def record(step: int, scalars: dict[str, float], *, advance: bool = True) -> None:
             if advance:
                 steps.append(dict(scalars))
-            super().log(step, scalars, advance=advance)
+            log(step, scalars, advance=advance)
 
-    recipe.MetricLogger = RecordingLogger  # rank 0 logs; the others use SilentLogger
+        logger.log = record
+        return logger
+
+    recipe.metric_logger = recording_logger
     recipe.teardown = barrier  # keep the process group to gather the peaks
     path = resolve_config_path(args.config)
     overrides = [f"max_steps={args.warmup + args.steps}", "eval_every=0", "eval_batches=1", "save_every=0",
-                 "sample_max_new_tokens=0", "tensorboard=false", f"output_dir={args.out}", *args.overrides]
+                 "sample_max_new_tokens=0", "logger=[]", f"output_dir={args.out}", *args.overrides]
     cfg = build_config(recipe.Config, load_yaml(path), overrides, yaml_name=str(path))
     recipe.main(cfg)
     env = init_distributed(cfg.device)  # the recipe's process group, still open

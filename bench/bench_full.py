@@ -16,9 +16,8 @@ from functools import partial
 
 import torch
 
-import harness
-from bench_lora import lora_run, random_init_, shape_args, side_batches
-from harness import Side, SideRun, common_args
+from bench_lora import lora_run, random_init_, shape_bench, side_batches
+from harness import Side, SideRun
 
 LR = 1e-5
 
@@ -89,20 +88,15 @@ def hf_full(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) 
 
 
 SIDES = {
-    "tunesmith": Side(tunesmith_full, "tunesmith (compile, matmul attention)"),
-    "tunesmith_default": Side(partial(tunesmith_full, speed=False), "tunesmith (defaults)"),
+    "tunesmith": Side(tunesmith_full, "tunesmith"),
+    "tunesmith_default": Side(partial(tunesmith_full, speed=False), "tunesmith (recipe defaults)"),
     "hf": Side(hf_full, "HF transformers"),
 }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_args(ap, steps=4, warmup=2, rounds=3, dtypes="bf16,fp32")
-    shape_args(ap)
-    ap.add_argument("--sides", default="tunesmith,hf")
-    args = ap.parse_args()
-    harness.main(__file__, args, SIDES, name=f"full_{args.shape}_{args.data}", reference="hf",
-                 header=f"full fine-tune shape={args.shape} batch={args.batch} seq={args.seq} device={args.device}")
+    shape_bench(__file__, __doc__, SIDES, method="full fine-tune", default_sides="tunesmith,hf", reference="hf",
+                steps=4, warmup=2)
 
 
 if __name__ == "__main__":

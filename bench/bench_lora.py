@@ -298,17 +298,29 @@ def shape_args(ap: argparse.ArgumentParser) -> None:
                     help="tunesmith's attention (default: matmul on CPU, sdpa on GPU)")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_args(ap, steps=6, warmup=3, rounds=3, dtypes="bf16,fp32")
+def shape_bench(script: str, doc: str, sides: dict[str, Side], *, method: str, default_sides: str, reference: str,
+                steps: int, warmup: int, extra: Callable[[argparse.ArgumentParser], None] | None = None
+                ) -> argparse.Namespace:
+    """Parse a model-shape benchmark's options and run it (LoRA, QLoRA, full fine-tune); → the options."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_args(ap, steps=steps, warmup=warmup, rounds=3, dtypes="bf16,fp32")
     shape_args(ap)
-    ap.add_argument("--sides", default="tunesmith,hf_peft,torchtune")
-    ap.add_argument("--torchtune-python", default=sys.executable,
-                    help="interpreter of an environment where torchtune 0.6.1 imports (it needs an older torchao)")
+    ap.add_argument("--sides", default=default_sides)
+    if extra is not None:
+        extra(ap)
     args = ap.parse_args()
-    SIDES["torchtune"].python = args.torchtune_python
-    harness.main(__file__, args, SIDES, name=f"lora_{args.shape}_{args.data}", reference="hf_peft",
-                 header=f"LoRA shape={args.shape} batch={args.batch} seq={args.seq} data={args.data} device={args.device}")
+    if "torchtune" in sides and getattr(args, "torchtune_python", None):
+        sides["torchtune"].python = args.torchtune_python
+    harness.main(script, args, sides, name=f"{method.split()[0].lower()}_{args.shape}_{args.data}", reference=reference,
+                 header=f"{method} shape={args.shape} batch={args.batch} seq={args.seq} data={args.data} device={args.device}")
+    return args
+
+
+def main() -> None:
+    shape_bench(__file__, __doc__, SIDES, method="LoRA", default_sides="tunesmith,hf_peft,torchtune", reference="hf_peft",
+                steps=6, warmup=3, extra=lambda ap: ap.add_argument(
+                    "--torchtune-python", default=sys.executable,
+                    help="interpreter of an environment where torchtune 0.6.1 imports (it needs an older torchao)"))
 
 
 if __name__ == "__main__":

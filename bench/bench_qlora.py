@@ -30,9 +30,8 @@ from functools import partial
 
 import torch
 
-import harness
-from bench_lora import hf_side, shape_args, tunesmith_side
-from harness import Side, SideRun, common_args
+from bench_lora import hf_side, shape_bench, tunesmith_side
+from harness import Side, SideRun
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -53,21 +52,16 @@ def tunesmith_nf4_all(args: argparse.Namespace, dtype: torch.dtype, device: torc
 
 
 SIDES = {
-    "tunesmith": Side(partial(tunesmith_side, quantize_base=True), "tunesmith (compile, matmul attention)"),
-    "tunesmith_default": Side(partial(tunesmith_side, quantize_base=True, speed=False), "tunesmith (defaults)"),
-    "tunesmith_nf4_all": Side(tunesmith_nf4_all, "tunesmith, all 7 linears NF4 (compile, matmul)"),
+    "tunesmith": Side(partial(tunesmith_side, quantize_base=True), "tunesmith"),
+    "tunesmith_default": Side(partial(tunesmith_side, quantize_base=True, speed=False), "tunesmith (recipe defaults)"),
+    "tunesmith_nf4_all": Side(tunesmith_nf4_all, "tunesmith, all 7 linears NF4"),
     "hf_bnb": Side(partial(hf_side, quantize=True), "HF + peft + bnb"),
 }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_args(ap, steps=5, warmup=3, rounds=3, dtypes="bf16,fp32")
-    shape_args(ap)
-    ap.add_argument("--sides", default="tunesmith,tunesmith_default,hf_bnb")
-    args = ap.parse_args()
-    harness.main(__file__, args, SIDES, name=f"qlora_{args.shape}_{args.data}", reference="hf_bnb",
-                 header=f"QLoRA shape={args.shape} batch={args.batch} seq={args.seq} data={args.data} device={args.device}")
+    shape_bench(__file__, __doc__, SIDES, method="QLoRA", default_sides="tunesmith,tunesmith_default,hf_bnb",
+                reference="hf_bnb", steps=5, warmup=3)
 
 
 if __name__ == "__main__":

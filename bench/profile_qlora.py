@@ -20,11 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 from bench_lora import TARGETS, random_batches, tunesmith_model
 from bench_qlora import quantize_every_block_linear
 
-GROUPS = {  # op-name substrings → group (first match wins); dequantization ops are torchao's pieces
+GROUPS = {  # op names → group
     "matmul (mm/addmm/bmm)": ("aten::mm", "aten::addmm", "aten::bmm"),
-    "NF4 dequantize": ("aten::index", "aten::bitwise", "aten::__rshift__", "aten::__and__", "aten::repeat_interleave",
-                       "aten::embedding_dense", "aten::_to_copy", "aten::copy_", "aten::mul", "aten::sub", "aten::div",
-                       "aten::stack", "aten::cat", "aten::flatten"),
 }
 
 
@@ -52,7 +49,20 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
 
     step(batches[0])
-    # Dequantization is what NF4's linear does before its matmul: time it by the NF4 call sites.
+    # torchao's NF4 linear dequantizes with get_original_weight (forward, and again in backward for
+    # the input gradient): label each call, so its inclusive time is the dequantization's.
+    from torch.profiler import record_function
+
+    from tunesmith.models.nf4 import _nf4_module
+
+    cls = _nf4_module().NF4Tensor
+    original = cls.get_original_weight
+
+    def labelled(self):
+        with record_function("nf4_dequantize"):
+            return original(self)
+
+    cls.get_original_weight = labelled
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
         for b in batches[1:]:
             step(b)
@@ -62,7 +72,8 @@ def main() -> None:
     for e in events:
         group = next((g for g, keys in GROUPS.items() if any(e.key == k or e.key.startswith(k + ".") for k in keys)), "other")
         shares[group] += e.self_cpu_time_total
-    dq = sum(e.cpu_time_total for e in events if "dequantize" in e.key.lower() or "get_original_weight" in e.key.lower())
+    dq = sum(e.cpu_time_total for e in events if e.key == "nf4_dequantize")
+    calls = sum(e.count for e in events if e.key == "nf4_dequantize")
     print(f"QLoRA step profile, {args.dtype}, targets {TARGETS}, NF4 on {'all 7 block linears' if args.nf4_all else 'q/v'}:"
           f" {total / 1e6 / args.steps:.2f} s profiled per step")
     for g, t in sorted(shares.items(), key=lambda kv: -kv[1]):
@@ -71,7 +82,7 @@ def main() -> None:
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
         print(f"    {e.key:<40} {100 * e.self_cpu_time_total / total:5.1f}%  calls {e.count}")
     if dq:
-        print(f"  inside NF4 dequantize calls (inclusive): {100 * dq / total:.1f}%")
+        print(f"  NF4 dequantization (inclusive, {calls} calls in {args.steps} steps): {100 * dq / total:.1f}% of the profiled time")
 
 
 if __name__ == "__main__":
