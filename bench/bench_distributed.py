@@ -11,7 +11,7 @@ For each process count the recipe runs under torchrun on its bundled config (the
 after on one batch. On CPU the cores are split evenly (``OMP_NUM_THREADS`` = cores / processes).
 
 Reported per process count: the job's tokens/s (median of the timed steps' ``train/tokens_per_s``,
-which counts every rank's tokens), its ratio to the first count's, each rank's peak memory (peak
+which counts every rank's tokens), its floor share (``floor_share``), its ratio to the first count's, each rank's peak memory (peak
 RSS on CPU: the whole process; CUDA peak allocated on GPU) and the last step's loss (the same on
 every count: the updates do not depend on it). One process runs under torchrun too (FSDP over a
 single rank).
@@ -37,35 +37,67 @@ def worker(args: argparse.Namespace) -> None:
 
     from tunesmith.training.cli import resolve_config_path
     from tunesmith.training.config import build_config, load_yaml
-    from tunesmith.training.metrics import MetricLogger, peak_memory_gib
+    from tunesmith.training.metrics import peak_memory_gib
     from tunesmith.training.process_group import barrier, gather_objects, init_distributed
 
     recipe = importlib.import_module(f"tunesmith.recipes.{args.recipe}")
     steps: list[dict[str, float]] = []
 
-    class RecordingLogger(MetricLogger):
-        def log(self, step: int, scalars: dict[str, float], *, advance: bool = True) -> None:
+    build_logger = recipe.metric_logger
+
+    def recording_logger(*a, **k):  # the recipe's logger, also keeping each step's scalars here
+        logger = build_logger(*a, **k)
+        log = logger.log
+
+        def record(step: int, scalars: dict[str, float], *, advance: bool = True) -> None:
             if advance:
                 steps.append(dict(scalars))
-            super().log(step, scalars, advance=advance)
+            log(step, scalars, advance=advance)
 
-    recipe.MetricLogger = RecordingLogger  # rank 0 logs; the others use SilentLogger
+        logger.log = record
+        return logger
+
+    recipe.metric_logger = recording_logger
     recipe.teardown = barrier  # keep the process group to gather the peaks
     path = resolve_config_path(args.config)
     overrides = [f"max_steps={args.warmup + args.steps}", "eval_every=0", "eval_batches=1", "save_every=0",
-                 "sample_max_new_tokens=0", "tensorboard=false", f"output_dir={args.out}", *args.overrides]
+                 "sample_max_new_tokens=0", "logger=[]", f"output_dir={args.out}", *args.overrides]
     cfg = build_config(recipe.Config, load_yaml(path), overrides, yaml_name=str(path))
     recipe.main(cfg)
     env = init_distributed(cfg.device)  # the recipe's process group, still open
     peaks = gather_objects(peak_memory_gib(env.device), env)
     if env.is_main:
         timed = steps[args.warmup:]
+        tokens_per_s = statistics.median(s["train/tokens_per_s"] for s in timed)
         Path(args.result).write_text(json.dumps({
-            "tokens_per_s": statistics.median(s["train/tokens_per_s"] for s in timed),
+            "tokens_per_s": tokens_per_s, "floor_share": floor_share(cfg, tokens_per_s, env.world_size),
             "loss": [s["train/loss"] for s in steps], "peak_gib_per_rank": peaks,
         }))
     if env.sharded:
         torch.distributed.destroy_process_group()
+
+
+def floor_share(cfg, tokens_per_s: float, world_size: int) -> float:
+    """tokens/s × GEMM FLOPs per token / (this rank's measured GEMM rate × ranks): training/flops.py.
+
+    FLOPs per token are counted for full rows of ``max_seq_len`` (every position labelled; DPO:
+    plus the adapters-off reference's forward); each rank measures its rate with its own share of
+    the cores (``OMP_NUM_THREADS``), so ranks × rate is the job's.
+    """
+    import torch
+
+    from tunesmith.training.flops import gemm_rate, train_step_flops
+    from tunesmith.training.memory import model_config
+
+    shape = model_config(cfg.model)
+    lora = getattr(cfg, "lora", None)
+    full = getattr(cfg, "full", lora is None)
+    per_token = train_step_flops(shape, rows=1, seq_len=cfg.data.max_seq_len, targets=list(lora.targets) if lora else [],
+                                 rank=lora.rank if lora else 0, full=full,
+                                 reference_forward="dpo" in type(cfg).__module__ and not full).per_token
+    dtype = {"bf16": torch.bfloat16}.get(cfg.dtype, torch.float32)
+    rate = gemm_rate(shape, dtype, tokens=max(1, cfg.batch_size // world_size) * cfg.data.max_seq_len)
+    return tokens_per_s * per_token / (rate * world_size)
 
 
 def launch(args: argparse.Namespace, nproc: int, tmp: Path) -> dict:
@@ -99,14 +131,14 @@ def main() -> None:
         return worker(args)
     print(f"{args.recipe} --config {args.config} {' '.join(args.overrides)}: {args.warmup} warm-up + "
           f"{args.steps} timed steps, {os.cpu_count()} CPU cores", flush=True)
-    print(f"{'processes':>9}  {'tokens/s':>9}  {'vs 1':>5}  {'peak GiB per rank':<24}  final loss")
+    print(f"{'processes':>9}  {'tokens/s':>9}  {'floor':>6}  {'vs 1':>5}  {'peak GiB per rank':<24}  final loss")
     with tempfile.TemporaryDirectory() as tmp:
         first = None
         for nproc in (int(n) for n in args.nproc.split(",")):
             r = launch(args, nproc, Path(tmp))
             first = first or r["tokens_per_s"]
             peaks = " ".join(f"{p:.2f}" for p in r["peak_gib_per_rank"])
-            print(f"{nproc:>9}  {r['tokens_per_s']:>9.0f}  {r['tokens_per_s'] / first:>5.2f}  {peaks:<24}  "
+            print(f"{nproc:>9}  {r['tokens_per_s']:>9.0f}  {100 * r['floor_share']:>5.1f}%  {r['tokens_per_s'] / first:>5.2f}  {peaks:<24}  "
                   f"{r['loss'][-1]:.4f}", flush=True)
 
 

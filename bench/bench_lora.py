@@ -27,20 +27,16 @@ separate venv; see BENCHMARKS.md), with its own speed switches on: compile and i
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import statistics
-import subprocess
 import sys
-import time
 from functools import partial
-from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
+import harness
+from harness import Side, SideRun, common_args
+
 RANK, ALPHA, TARGETS, LR = 8, 16.0, ["q_proj", "v_proj"], 1e-4
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,31 +66,53 @@ def demo_examples(seq: int) -> list[dict[str, list[int]]]:
 # ------------------------------------------------------------------------------------------------
 # The sides. Each returns a function running one training step on a batch.
 # ------------------------------------------------------------------------------------------------
-def tunesmith_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool, chunk_size: int = 256,
-                   attention: str = "sdpa", keep_freed_memory: bool = True):
-    from tunesmith.models import apply_lora, builders
-    from tunesmith.models.hf_checkpoint import build_empty
-    from tunesmith.models.llama import Llama
-    from tunesmith.training.losses import IGNORE_INDEX, CrossEntropyLoss
-    from tunesmith.models.host_memory import keep_freed_host_memory
-    from tunesmith.training.setup import build_optimizer, compile_model_and_loss
-
-    model = build_empty(Llama, builders.BUILDERS[shape](), dtype, device)  # no fp32 detour
-    with torch.no_grad():  # HF's init: matrices N(0, 0.02), norm weights 1 (tiny norms → slow denormals)
+def random_init_(model: torch.nn.Module) -> None:
+    """HF's init: matrices N(0, 0.02), norm weights 1 (tiny norms → slow denormals)."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
-    apply_lora(model, TARGETS, rank=RANK, alpha=ALPHA)
+
+
+def tunesmith_model(shape: str, dtype: torch.dtype, device: torch.device, *, quantize_base: bool = False,
+                    attention: str = "sdpa", keep_freed_memory: bool = True) -> torch.nn.Module:
+    """The LoRA (or, with ``quantize_base``, QLoRA) model of the bench, random weights, in training mode."""
+    from tunesmith.models import apply_lora, builders
+    from tunesmith.models.hf_checkpoint import build_empty
+    from tunesmith.models.host_memory import keep_freed_host_memory
+    from tunesmith.models.llama import Llama
+
+    model = build_empty(Llama, builders.BUILDERS[shape](), dtype, device)  # no fp32 detour
+    random_init_(model)
+    apply_lora(model, TARGETS, rank=RANK, alpha=ALPHA, quantize_base=quantize_base)
     model.set_attention(attention)
     if keep_freed_memory:
         keep_freed_host_memory(device)  # as the recipes do
-    model.train()
-    loss_fn = CrossEntropyLoss(chunk_size=chunk_size)
+    return model.train()
+
+
+def tunesmith_side(args: argparse.Namespace, dtype: torch.dtype, device: torch.device, *, quantize_base: bool = False,
+                   keep_freed_memory: bool = True, speed: bool = True,
+                   before_compile: Callable[[torch.nn.Module], None] | None = None) -> SideRun:
+    """tunesmith's LoRA (QLoRA) step; ``speed``: compile + (CPU) ``attention: matmul``, else the recipe defaults."""
+    from tunesmith.models import builders
+    from tunesmith.training.losses import IGNORE_INDEX, CrossEntropyLoss
+    from tunesmith.training.memory import GIB, estimate
+    from tunesmith.training.setup import build_optimizer, compile_model_and_loss
+
+    compile = speed and not args.no_compile
+    attention = (args.attention or ("matmul" if device.type == "cpu" else "sdpa")) if speed else "sdpa"
+    model = tunesmith_model(args.shape, dtype, device, quantize_base=quantize_base, attention=attention,
+                            keep_freed_memory=keep_freed_memory)
+    if before_compile is not None:  # a variant's change to the model (bench_qlora: more NF4 layers)
+        before_compile(model)
+    loss_fn = CrossEntropyLoss(chunk_size=args.chunk_size)
     if compile:
         compile_model_and_loss(model, loss_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, "adamw", LR, 0.0)
 
     def step(b: dict[str, torch.Tensor]) -> float:
+        b = {k: v.to(device) for k, v in b.items()}
         hidden = model.hidden_states(b["tokens"], positions=b.get("positions"), document_ids=b.get("document_ids"))
         loss = loss_fn(hidden, b["labels"], model.logits) / (b["labels"] != IGNORE_INDEX).sum()
         loss.backward()
@@ -102,11 +120,34 @@ def tunesmith_side(shape: str, dtype: torch.dtype, device: torch.device, compile
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    return step
+    cfg = builders.BUILDERS[args.shape]()
+    batches = side_batches(args, "tunesmith", cfg.vocab_size)
+    seq = max(b["tokens"].shape[1] for b in batches)
+    run = lora_run(args, step, batches, cfg)  # the same FLOPs as every side's: causal attention's, not our split's
+    est = estimate(cfg, dtype=args.dtype, batch_size=args.batch, seq_len=seq, rank=RANK, targets=TARGETS,
+                   quantize_base=quantize_base, chunk_size=args.chunk_size, device_type=device.type, compile=compile,
+                   attention=attention)
+    run.estimate_gib = est.total / GIB
+    return run
 
 
-def hf_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool, chunk_size: int = 0,
-            attention: str = "sdpa"):
+def lora_run(args: argparse.Namespace, step: Callable, batches: list[dict[str, torch.Tensor]], cfg: Any,
+             full: bool = False) -> SideRun:
+    """A side's SideRun: tokens counted without padding, FLOPs of LoRA r=8 q/v (or, ``full``, of
+    training every weight, the head's chunks recomputed) on the labelled positions."""
+    from tunesmith.training.flops import train_step_flops
+
+    b = batches[-1]
+    rows, seq = b["tokens"].shape
+    labelled = int((b["labels"] != -100).sum())
+    flops = train_step_flops(cfg, rows=rows, seq_len=seq, targets=TARGETS, rank=RANK, labelled=labelled, full=full,
+                             head_recompute=full and 0 < args.chunk_size < labelled).total
+    tokens = [int(x["lengths"].sum()) if "lengths" in x else x["tokens"].numel() for x in batches]
+    return SideRun(step, batches, tokens, [x["tokens"].shape[0] for x in batches], flops, cfg, gemm_tokens=rows * seq)
+
+
+def hf_model(shape: str, dtype: torch.dtype, device: torch.device, quantization_config: Any = None) -> Any:
+    """transformers' LlamaForCausalLM (sdpa) + peft LoRA, random weights; 4-bit with ``quantization_config``."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -116,11 +157,52 @@ def hf_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool,
     hf_cfg = transformers.LlamaConfig(**config_to_hf(builders.BUILDERS[shape]()))
     hf_cfg._attn_implementation = "sdpa"
     model = transformers.LlamaForCausalLM._from_config(hf_cfg, dtype=dtype).to(device)
+    random_init_(model)
+    if quantization_config is not None:
+        model = quantize_hf_model(model, quantization_config, dtype)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0))
-    model.train()
+    return model.train()
+
+
+def quantize_hf_model(model: Any, qconfig: Any, dtype: torch.dtype) -> Any:
+    """Swap every block linear for bitsandbytes' ``Linear4bit`` (what ``from_pretrained(quantization_config=…)``
+    does while loading a checkpoint; our weights are random, so there is none) and freeze everything.
+
+    peft's ``prepare_model_for_kbit_training`` is left out: it would turn on gradient checkpointing
+    and cast every non-quantized weight to fp32, which the tunesmith side does not do either.
+    """
+    import bitsandbytes as bnb
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=dtype, quant_type=qconfig.bnb_4bit_quant_type,
+                                      compress_statistics=qconfig.bnb_4bit_use_double_quant,
+                                      quant_storage=torch.uint8)
+                q.weight = bnb.nn.Params4bit(child.weight.data.to(torch.float32) if dtype == torch.float32 else child.weight.data,
+                                             requires_grad=False, quant_type=qconfig.bnb_4bit_quant_type,
+                                             compress_statistics=qconfig.bnb_4bit_use_double_quant)
+                setattr(parent, child_name, q.to(child.weight.device))  # .to() quantizes
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def hf_side(args: argparse.Namespace, dtype: torch.dtype, device: torch.device, *, quantize: bool = False) -> SideRun:
+    from tunesmith.models import builders
+
+    qconfig = None
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                     bnb_4bit_compute_dtype=dtype)
+    model = hf_model(args.shape, dtype, device, qconfig)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
 
     def step(b: dict[str, torch.Tensor]) -> float:
+        b = {k: v.to(device) for k, v in b.items()}
         # HF shifts labels itself: give it unshifted labels (first label position is dropped).
         labels = torch.cat([torch.full_like(b["labels"][:, :1], -100), b["labels"]], dim=1)[:, :-1]
         out = model(input_ids=b["tokens"], attention_mask=b.get("attention_mask"), labels=labels)
@@ -129,11 +211,11 @@ def hf_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool,
         opt.zero_grad(set_to_none=True)
         return out.loss.item()
 
-    return step
+    cfg = builders.BUILDERS[args.shape]()
+    return lora_run(args, step, side_batches(args, "hf_peft", cfg.vocab_size), cfg)
 
 
-def torchtune_side(shape: str, dtype: torch.dtype, device: torch.device, compile: bool, chunk_size: int = 0,
-                   attention: str = "sdpa"):
+def torchtune_side(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> SideRun:
     """torchtune 0.6.1's LoRA Llama with its recipe's defaults for speed: chunked-output CE, compile."""
     from torchtune.models.llama3_2._component_builders import lora_llama3_2
     from torchtune.modules.loss import CEWithChunkedOutputLoss
@@ -142,7 +224,7 @@ def torchtune_side(shape: str, dtype: torch.dtype, device: torch.device, compile
 
     from tunesmith.models import builders
 
-    c = builders.BUILDERS[shape]()
+    c = builders.BUILDERS[args.shape]()
     with torch.device(device):
         model = lora_llama3_2(
             ["q_proj", "v_proj"], vocab_size=c.vocab_size, num_layers=c.num_layers, num_heads=c.num_heads,
@@ -158,28 +240,28 @@ def torchtune_side(shape: str, dtype: torch.dtype, device: torch.device, compile
     model.train()
     loss_fn = CEWithChunkedOutputLoss()
     model.set_num_output_chunks(loss_fn.num_output_chunks)
-    if compile:
+    if not args.no_compile:
         compile_model(model, verbose=False)
         loss_fn = compile_loss(loss_fn, verbose=False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
 
     def step(b: dict[str, torch.Tensor]) -> float:
-        logits = model(b["tokens"])  # a list of chunks
-        loss = loss_fn(logits, b["labels"])  # mean over labelled tokens
+        logits = model(b["tokens"].to(device))  # a list of chunks
+        loss = loss_fn(logits, b["labels"].to(device))  # mean over labelled tokens
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    return step
+    return lora_run(args, step, side_batches(args, "torchtune", c.vocab_size), c)
 
 
 SIDES = {
-    "tunesmith": tunesmith_side,
-    "hf_peft": hf_side,
-    "torchtune": torchtune_side,
+    "tunesmith": Side(tunesmith_side, "tunesmith"),
+    "hf_peft": Side(hf_side, "HF + peft"),
+    "torchtune": Side(torchtune_side, "torchtune 0.6.1"),
     # tunesmith with glibc's malloc left as it is: measures `keep_freed_host_memory` (BENCHMARKS.md)
-    "tunesmith_default_malloc": partial(tunesmith_side, keep_freed_memory=False),
+    "tunesmith_default_malloc": Side(partial(tunesmith_side, keep_freed_memory=False), "tunesmith (default malloc)"),
 }
 
 
@@ -203,130 +285,42 @@ def side_batches(args: argparse.Namespace, side: str, vocab: int) -> list[dict[s
     return out
 
 
-def run_side(args: argparse.Namespace) -> dict[str, float]:
-    """Build one side, train ``warmup + steps`` steps, report tokens/s and peak memory."""
-    from tunesmith.models import builders
-
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
-    batches = side_batches(args, args.side, builders.BUILDERS[args.shape]().vocab_size)
-    attention = args.attention or ("matmul" if device.type == "cpu" else "sdpa")
-    step = SIDES[args.side](args.shape, dtype, device, compile=not args.no_compile, chunk_size=args.chunk_size,
-                            attention=attention)
-    losses = []
-    for b in batches[: args.warmup]:
-        losses.append(step({k: v.to(device) for k, v in b.items()}))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start, tokens = time.perf_counter(), 0
-    for b in batches[args.warmup:]:
-        losses.append(step({k: v.to(device) for k, v in b.items()}))
-        # Real (non-padding) tokens: what the user wanted trained on.
-        tokens += int(b["lengths"].sum()) if "lengths" in b else b["tokens"].numel()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux → GiB
-    seconds = time.perf_counter() - start
-    result = {"tokens_per_s": tokens / seconds, "peak_gib": peak, "first_loss": losses[0], "last_loss": losses[-1]}
-    if args.side.startswith("tunesmith"):  # what `--dry-run` would have predicted for this run
-        from tunesmith.training.memory import GIB, estimate
-
-        seq = max(b["tokens"].shape[1] for b in batches)
-        est = estimate(builders.BUILDERS[args.shape](), dtype=args.dtype, batch_size=args.batch, seq_len=seq, rank=RANK,
-                       targets=TARGETS, chunk_size=args.chunk_size, device_type=device.type, compile=not args.no_compile,
-                       attention=attention)
-        result["estimate_gib"] = est.total / GIB
-    return result
-
-
-def machine() -> str:
-    """What the numbers depend on: the CPU (or GPU) and how fast it multiplies bf16 matrices.
-
-    Ratios between the sides move with the machine: LoRA on a frozen base is mostly matmuls, and
-    a faster GEMM shrinks tunesmith's step more than HF's (see BENCHMARKS.md), so every log says
-    which machine it came from and its GEMM rate on the shape of SmolLM2's MLP.
-    """
-    if torch.cuda.is_available():
-        return f"gpu={torch.cuda.get_device_name()}"
-    info = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    a, b = torch.randn(1024, 576, dtype=torch.bfloat16), torch.randn(576, 1536, dtype=torch.bfloat16)
-    best = float("inf")
-    for _ in range(5):  # best of 5 bursts of 20: a momentary hiccup of a shared machine is not its rate
-        start = time.perf_counter()
-        for _ in range(20):
-            a @ b
-        best = min(best, (time.perf_counter() - start) / 20)
-    gflops = 2 * 1024 * 576 * 1536 / best / 1e9
-    return (f"cpu={info.get('model name', '?')} (family {info.get('cpu family', '?')} model {info.get('model', '?')}) "
-            f"cores={os.cpu_count()} bf16 GEMM [1024x576]@[576x1536]: {gflops:.0f} GFLOP/s")
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shape_args(ap: argparse.ArgumentParser) -> None:
+    """The model shape and batch options the LoRA and QLoRA benchmarks share."""
     ap.add_argument("--shape", default="smollm2_135m", help="a name from tunesmith.models.builders.BUILDERS")
-    ap.add_argument("--dtypes", default="bf16,fp32")
-    ap.add_argument("--sides", default="tunesmith,hf_peft,torchtune")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=6, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation happens here)")
-    ap.add_argument("--rounds", type=int, default=3, help="each side runs this many times, sides taking turns")
     ap.add_argument("--data", choices=["random", "demo"], default="random")
     ap.add_argument("--examples-per-step", type=int, default=16, help="demo data, HF side: examples per batch")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--torchtune-python", default=sys.executable,
-                    help="interpreter of an environment where torchtune 0.6.1 imports (it needs an older torchao)")
     ap.add_argument("--chunk-size", type=int, default=256, help="tunesmith's CE chunk of labelled positions")
     ap.add_argument("--attention", choices=["sdpa", "matmul"],
                     help="tunesmith's attention (default: matmul on CPU, sdpa on GPU)")
-    ap.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side and print JSON
-    ap.add_argument("--dtype", help=argparse.SUPPRESS)
+
+
+def shape_bench(script: str, doc: str, sides: dict[str, Side], *, method: str, default_sides: str, reference: str,
+                steps: int, warmup: int, extra: Callable[[argparse.ArgumentParser], None] | None = None
+                ) -> argparse.Namespace:
+    """Parse a model-shape benchmark's options and run it (LoRA, QLoRA, full fine-tune); → the options."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_args(ap, steps=steps, warmup=warmup, rounds=3, dtypes="bf16,fp32")
+    shape_args(ap)
+    ap.add_argument("--sides", default=default_sides)
+    if extra is not None:
+        extra(ap)
     args = ap.parse_args()
+    if "torchtune" in sides and getattr(args, "torchtune_python", None):
+        sides["torchtune"].python = args.torchtune_python
+    harness.main(script, args, sides, name=f"{method.split()[0].lower()}_{args.shape}_{args.data}", reference=reference,
+                 header=f"{method} shape={args.shape} batch={args.batch} seq={args.seq} data={args.data} device={args.device}")
+    return args
 
-    if args.side:
-        print("RESULT " + json.dumps(run_side(args)), flush=True)
-        return
 
-    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    print(f"shape={args.shape} batch={args.batch} seq={args.seq} data={args.data} device={args.device} "
-          f"steps={args.steps} (+{args.warmup} warmup) load={os.getloadavg()[0]:.2f} threads={torch.get_num_threads()}")
-    print(machine(), flush=True)
-    for dtype in args.dtypes.split(","):
-        # Sides take turns, round after round, so a change in the machine's load between rounds
-        # hits every side alike; each side is summarised by its median round.
-        runs: dict[str, list[dict[str, float]]] = {}
-        for rnd in range(1, args.rounds + 1):
-            for side in args.sides.split(","):
-                python = args.torchtune_python if side == "torchtune" else sys.executable
-                cmd = [python, __file__, "--side", side, "--dtype", dtype, *sys.argv[1:]]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode != 0 or not line:
-                    reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-                    print(f"  round {rnd} {side:10s} {dtype}: skipped ({reason[:120]})")
-                    continue
-                r = json.loads(line[0][len("RESULT "):])
-                runs.setdefault(side, []).append(r)
-                est = f" (estimate {r['estimate_gib']:.2f})" if "estimate_gib" in r else ""
-                print(f"  round {rnd} {side:10s} {dtype}: {r['tokens_per_s']:7.1f} tokens/s  peak {r['peak_gib']:.2f} GiB"
-                      f"{est}  loss {r['first_loss']:.3f}→{r['last_loss']:.3f}", flush=True)
-        median = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in runs.items()}
-        ref = median.get("hf_peft")
-        for side, r in median.items():
-            ratio = (f"  {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x tok/s, {r['peak_gib'] / ref['peak_gib']:.2f}x mem"
-                     if ref else "")
-            print(f"  median of {len(runs[side])}  {side:10s} {dtype}: {r['tokens_per_s']:7.1f} tokens/s  "
-                  f"peak {r['peak_gib']:.2f} GiB{ratio}", flush=True)
+def main() -> None:
+    shape_bench(__file__, __doc__, SIDES, method="LoRA", default_sides="tunesmith,hf_peft,torchtune", reference="hf_peft",
+                steps=6, warmup=3, extra=lambda ap: ap.add_argument(
+                    "--torchtune-python", default=sys.executable,
+                    help="interpreter of an environment where torchtune 0.6.1 imports (it needs an older torchao)"))
 
 
 if __name__ == "__main__":

@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from tunesmith.training.batching import BatchStream
 from tunesmith.training.config import MISSING, PositiveInt
-from tunesmith.training.losses import IGNORE_INDEX
+from tunesmith.training.losses import IGNORE_INDEX, token_logprobs
 from tunesmith.training.options import DataSource, Fraction
 
 
@@ -157,32 +155,6 @@ def rollout_batch(groups: Sequence[Group], advantages: Tensor, pad_id: int) -> d
 # ---------------------------------------------------------------------------------------------
 # Log-probabilities
 # ---------------------------------------------------------------------------------------------
-def _chunk_logprobs(h: Tensor, y: Tensor, head: Callable[[Tensor], Tensor]) -> Tensor:
-    return -F.cross_entropy(head(h).float(), y, reduction="none")
-
-
-def token_logprobs(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor], chunk_size: int = 1024) -> Tensor:
-    """log p(label) of every labelled position [n], in row-major order, projecting ``chunk_size`` at a time.
-
-    With grad, each chunk's projection is checkpointed (recomputed in backward), so one chunk's
-    [chunk_size, v] fp32 logits exist at a time, never all [n, v].
-
-    Args:
-        hidden: Final hidden states [r, s, d].
-        labels: Shifted targets [r, s], -100 where not scored.
-        head: ``model.logits`` ([..., d] → [..., v]).
-        chunk_size: Positions per projection; 0 projects all at once.
-    """
-    keep = labels != IGNORE_INDEX
-    h, y = hidden[keep], labels[keep]
-    if chunk_size <= 0 or h.shape[0] <= chunk_size:
-        return _chunk_logprobs(h, y, head)
-    grad = torch.is_grad_enabled()
-    parts = [checkpoint(_chunk_logprobs, hc, yc, head, use_reentrant=False) if grad else _chunk_logprobs(hc, yc, head)
-             for hc, yc in zip(h.split(chunk_size), y.split(chunk_size))]
-    return torch.cat(parts)
-
-
 def completion_logprobs(model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 1024) -> Tensor:
     """log π(o_t | q, o_<t) of every completion token of a ``rollout_batch``, laid out as ``mask`` [r, t] (0 on padding)."""
     flat = token_logprobs(model.hidden_states(batch["tokens"]), batch["labels"], model.logits, chunk_size)

@@ -31,8 +31,8 @@ def _chunk_cross_entropy(h: Tensor, y: Tensor, head: Callable[[Tensor], Tensor])
     return F.cross_entropy(head(h).float(), y, reduction="sum")
 
 
-def _cross_entropy_and_grad(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Σ CE(logits, y) and its gradient w.r.t. the logits, softmax − onehot(y), in the logits' dtype.
+def _token_cross_entropy_and_grad(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-position CE(logits, y) [c] (fp32) and its gradient w.r.t. the logits, softmax − onehot(y), in the logits' dtype.
 
     Written as whole-tensor ops so that ``torch.compile`` turns it into one reduction pass
     (log-sum-exp, in fp32) and one elementwise pass writing the gradient: no fp32 copy of the
@@ -40,40 +40,41 @@ def _cross_entropy_and_grad(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """
     z = logits.float()
     lse = torch.logsumexp(z, dim=-1)  # [c]
-    loss = (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+    loss = lse - z.gather(1, y[:, None]).squeeze(1)
     is_target = torch.arange(z.shape[-1], device=z.device)[None, :] == y[:, None]  # [c, v] one-hot, never stored
     grad = torch.exp(z - lse[:, None]) - is_target.to(z.dtype)
     return loss, grad.to(logits.dtype)
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
-    """Σ CE(h Wᵀ, y) for a frozen head W, with the gradient for h computed chunk by chunk in forward.
+    """Per-position CE(h Wᵀ, y) [n] for a frozen head W, with the gradient for h computed chunk by chunk in forward.
 
-    The gradient of the summed cross-entropy w.r.t. h is (softmax(h Wᵀ) − onehot(y)) W, which needs
-    nothing but the chunk's logits. Computing it while the logits exist means backward only scales
-    a saved [n, d] tensor: no [n, v] logits are kept and none are recomputed (the checkpointed path
-    recomputes every chunk's projection in backward, ~10% of a small model's step).
+    The gradient of position i's cross-entropy w.r.t. its hidden state h_i is (softmax(h_i Wᵀ) −
+    onehot(y_i)) W, which needs nothing but the chunk's logits and depends on no other position.
+    Computing it while the logits exist means backward only scales a saved [n, d] tensor row by
+    row: no [n, v] logits are kept and none are recomputed (the checkpointed path recomputes every
+    chunk's projection in backward, ~10% of a small model's step).
     """
 
     @staticmethod
     def forward(
         ctx: Any, h: Tensor, weight: Tensor, y: Tensor, chunk_size: int, chunk_grad: Callable[..., tuple[Tensor, Tensor]]
     ) -> Tensor:
-        total = h.new_zeros((), dtype=torch.float32)
+        losses = h.new_empty(h.shape[0], dtype=torch.float32)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         for start in range(0, h.shape[0], chunk_size):
             h_c, y_c = h[start:start + chunk_size], y[start:start + chunk_size]
             loss, grad_logits = chunk_grad(h_c @ weight.t(), y_c)  # logits [c, v] in the weight's dtype
-            total += loss
+            losses[start:start + chunk_size] = loss
             if grad_h is not None:
                 grad_h[start:start + chunk_size] = grad_logits @ weight
         ctx.save_for_backward(grad_h)
-        return total
+        return losses
 
     @staticmethod
-    def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+    def backward(ctx: Any, grad_losses: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         (grad_h,) = ctx.saved_tensors
-        return grad_total.to(grad_h.dtype) * grad_h, None, None, None, None
+        return grad_losses.to(grad_h.dtype)[:, None] * grad_h, None, None, None, None
 
 
 def frozen_linear_head(head: Callable[[Tensor], Tensor]) -> Tensor | None:
@@ -117,7 +118,7 @@ class CrossEntropyLoss:
     def __init__(self, chunk_size: int = 1024) -> None:
         self.chunk_size = chunk_size
         self.chunk_loss: Callable[[Tensor, Tensor, Callable[[Tensor], Tensor]], Tensor] = _chunk_cross_entropy
-        self.chunk_grad: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] = _cross_entropy_and_grad
+        self.chunk_grad: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] = _token_cross_entropy_and_grad
 
     def compile(self) -> None:
         """Compile the per-chunk projection + cross-entropy (``torch.compile``).
@@ -126,20 +127,53 @@ class CrossEntropyLoss:
         logits, so each chunk needs less memory and time; the first call pays the compilation.
         """
         self.chunk_loss = torch.compile(_chunk_cross_entropy, dynamic=True)
-        self.chunk_grad = torch.compile(_cross_entropy_and_grad, dynamic=True)
+        self.chunk_grad = torch.compile(_token_cross_entropy_and_grad, dynamic=True)
 
     def __call__(self, hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor]) -> Tensor:
         keep = labels != IGNORE_INDEX
         h, y = hidden[keep], labels[keep]  # [n, d], [n]: prompt and padding positions are never projected
         weight = frozen_linear_head(head)
         if weight is not None and self.chunk_size > 0 and torch.is_grad_enabled():
-            return _FrozenHeadCrossEntropy.apply(h, weight, y, self.chunk_size, self.chunk_grad)
+            return _FrozenHeadCrossEntropy.apply(h, weight, y, self.chunk_size, self.chunk_grad).sum()
         if self.chunk_size <= 0 or h.shape[0] <= self.chunk_size:
             return self.chunk_loss(h, y, head)
         total = hidden.new_zeros((), dtype=torch.float32)
         for h_chunk, y_chunk in zip(h.split(self.chunk_size), y.split(self.chunk_size)):
             total = total + checkpoint(self.chunk_loss, h_chunk, y_chunk, head, use_reentrant=False)
         return total
+
+
+def _chunk_logprobs(h: Tensor, y: Tensor, head: Callable[[Tensor], Tensor]) -> Tensor:
+    return -F.cross_entropy(head(h).float(), y, reduction="none")
+
+
+def token_logprobs(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor], chunk_size: int = 1024) -> Tensor:
+    """log p(label) of every labelled position [n] (fp32), in row-major order, ``chunk_size`` positions at a time.
+
+    No [n, v] logits exist at once: a frozen linear head (LoRA) takes the path of the
+    cross-entropy above (each chunk's gradient for the hidden states computed in forward, a saved
+    [n, d] tensor scaled in backward); any other head, with grad, checkpoints each chunk's
+    projection (recomputed in backward); without grad the chunks are simply projected in turn.
+
+    Args:
+        hidden: Final hidden states [r, s, d].
+        labels: Shifted targets [r, s], -100 where not scored.
+        head: ``model.logits`` ([..., d] → [..., v]).
+        chunk_size: Positions per projection; 0 projects all at once.
+    """
+    keep = labels != IGNORE_INDEX
+    h, y = hidden[keep], labels[keep]
+    if chunk_size <= 0 or h.shape[0] <= chunk_size and not torch.is_grad_enabled():
+        return _chunk_logprobs(h, y, head)
+    weight = frozen_linear_head(head)
+    if weight is not None and torch.is_grad_enabled():
+        return -_FrozenHeadCrossEntropy.apply(h, weight, y, chunk_size, _token_cross_entropy_and_grad)
+    if h.shape[0] <= chunk_size:
+        return _chunk_logprobs(h, y, head)
+    grad = torch.is_grad_enabled()
+    parts = [checkpoint(_chunk_logprobs, hc, yc, head, use_reentrant=False) if grad else _chunk_logprobs(hc, yc, head)
+             for hc, yc in zip(h.split(chunk_size), y.split(chunk_size))]
+    return torch.cat(parts)
 
 
 def loss_class(name: str) -> type:

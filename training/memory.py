@@ -41,10 +41,10 @@ On W processes (FSDP2, the ``*_distributed`` recipes, ``world_size`` from ``--np
 * activations and logits for its ``batch_size / W`` rows.
 
 Preference training (``estimate_preference``): two rows per pair (chosen and rejected; one row of
-2 × ``max_seq_len`` tokens holding several pairs with ``data.packing``), every labelled position's
-logits at once, and a reference whose cost depends on the mode: adapters switched off (no weights,
-a no-grad pass: its logits), a frozen copy (its sharded weights, gathered root and blocks, logits)
-or a precomputed table (8 bytes per pair).
+2 × ``max_seq_len`` tokens holding several pairs with ``data.packing``), one chunk of labelled
+positions' logits at a time, and a reference whose cost depends on the mode: adapters switched off
+(no weights; its no-grad pass runs after the policy's and reuses the room of its logits), a frozen
+copy (its sharded weights, gathered root and blocks) or a precomputed table (8 bytes per pair).
 """
 
 from __future__ import annotations
@@ -394,22 +394,26 @@ def estimate_preference_memory(cfg: Any, world_size: int = 1) -> MemoryEstimate:
     """``estimate`` for a preference recipe ``Config`` (DPO and friends), reference included.
 
     Two rows of ``max_seq_len`` per pair (one row of 2 × ``max_seq_len`` per ``batch_size`` with
-    packing); the log-probs project every labelled position at once. The reference adds: nothing
-    but its pass's logits with LoRA (adapters off); a frozen copy's weights (sharded like the
+    packing); the log-probs project ``LOGPROB_CHUNK_SIZE`` labelled positions at a time
+    (``training/preference.py``), so the logits term is one chunk's, plus, for a frozen LoRA head,
+    the [n, d] gradient of the labelled hidden states that the chunked pass keeps for backward.
+    The reference adds: nothing with LoRA (adapters off: a no-grad pass after the policy's, whose
+    one chunk of logits replaces the policy's freed one); a frozen copy's weights (sharded like the
     policy's, gathered root and blocks while it runs) with ``full``; nothing counted with
     ``precompute_reference`` (the table is 8 bytes per pair: 8 MB for a million pairs) or for
     reference-free losses (SimPO, ORPO).
     """
+    from tunesmith.training.preference import LOGPROB_CHUNK_SIZE
     from tunesmith.training.preference_losses import build_preference_loss
 
-    settings = _run_settings(cfg, world_size) | {"chunk_size": 0}
+    settings = _run_settings(cfg, world_size) | {"chunk_size": LOGPROB_CHUNK_SIZE}
     shape = model_config(cfg.model)
     rows, seq = (cfg.batch_size, 2 * cfg.data.max_seq_len) if cfg.data.packing else (2 * cfg.batch_size, cfg.data.max_seq_len)
     est = estimate(shape, batch_size=rows, seq_len=seq, full=cfg.full, **settings)
+    if not cfg.full:  # the frozen head's per-position gradient [n, d], kept from forward to backward
+        est.logits += -(-rows // world_size) * seq * shape.hidden_size * DTYPE_BYTES[settings["compute_dtype"] or settings["dtype"]]
     if cfg.precompute_reference or not getattr(build_preference_loss(cfg.loss, cfg.loss_args), "needs_reference", True):
         return est
-    c = DTYPE_BYTES[settings["compute_dtype"] or settings["dtype"]]
-    est.reference = est.logits / (c + 8) * (c + 4)  # the reference pass's logits (no gradient) beside the policy's
     if cfg.full:  # a frozen copy: the policy's weights again, and its own gathered units while it runs
         copy = estimate(shape, batch_size=rows, seq_len=seq, full=False, **(settings | {"targets": [], "rank": 0}))
         est.reference += copy.weights + copy.nf4 + copy.gathered

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tunesmith.training.batching import BatchStream
 from tunesmith.training.config import MISSING
-from tunesmith.training.losses import IGNORE_INDEX
+from tunesmith.training.losses import IGNORE_INDEX, token_logprobs
 from tunesmith.training.options import DataSource, Fraction, SeqLen
 from tunesmith.training.preference_losses import PreferenceLogProbs
 
@@ -153,11 +152,18 @@ def eval_pair_slice(batch: dict[str, Tensor], env: Any) -> tuple[dict[str, Tenso
 # ---------------------------------------------------------------------------------------------
 # Log-probabilities
 # ---------------------------------------------------------------------------------------------
+LOGPROB_CHUNK_SIZE = 256  # labelled positions projected to the vocabulary at once
+
+
 def sequence_logprobs(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor],
-                      slots: Tensor | None = None, num_slots: int = 0) -> tuple[Tensor, Tensor]:
+                      slots: Tensor | None = None, num_slots: int = 0,
+                      chunk_size: int = LOGPROB_CHUNK_SIZE) -> tuple[Tensor, Tensor]:
     """Summed log-probability of each response's labelled tokens, and how many there are.
 
-    Only labelled positions are projected to the vocabulary (prompt and padding never are).
+    Only labelled positions are projected to the vocabulary (prompt and padding never are), and
+    only ``chunk_size`` of them at a time (``losses.token_logprobs``): no [n, v] logits for the
+    whole batch, in the policy's pass (a frozen LoRA head keeps a [n, d] gradient instead) or the
+    reference's.
 
     Args:
         hidden: Final hidden states [r, s, d].
@@ -166,6 +172,7 @@ def sequence_logprobs(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], T
         slots: Which response each position belongs to [r, s] (packed rows, ``response_slots``);
             ``None``: each row is one response.
         num_slots: Number of responses when ``slots`` is given.
+        chunk_size: Labelled positions per projection; 0 projects them all at once.
 
     Returns:
         ``(logps [responses] fp32, counts [responses] fp32)``.
@@ -173,7 +180,7 @@ def sequence_logprobs(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], T
     keep = labels != IGNORE_INDEX
     where = keep.nonzero()[:, 0] if slots is None else slots[keep]  # response of each labelled position, [n]
     size = labels.shape[0] if slots is None else num_slots
-    token_logps = -F.cross_entropy(head(hidden[keep]).float(), labels[keep], reduction="none")  # [n]
+    token_logps = token_logprobs(hidden, labels, head, chunk_size)  # [n], row-major like ``where``
     logps = torch.zeros(size, device=hidden.device, dtype=torch.float32).index_add(0, where, token_logps)
     counts = torch.zeros(size, device=hidden.device, dtype=torch.float32).index_add(0, where, torch.ones_like(token_logps))
     return logps, counts
