@@ -22,7 +22,6 @@ from tunesmith.models import load_peft_adapter
 from tunesmith.models.generation import generate
 from tunesmith.training.checkpointing import find_adapter
 from tunesmith.training.config import MISSING, NonNegativeFloat, NonNegativeInt, PositiveInt, Range
-from tunesmith.training import sources
 from tunesmith.training.options import ChatTemplate, Device, ModelSource, TokenizerSource
 from tunesmith.training.setup import load_model_and_tokenizer, select_device, select_dtype
 
@@ -67,7 +66,6 @@ class Config:
     top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
 
     def validate_environment(self) -> None:
-        sources.check_device_available(self.device)
         find_adapter(self.adapter, self.output_dir)  # a bad path is refused before the model loads
 
 

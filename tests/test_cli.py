@@ -25,6 +25,22 @@ def test_dry_run_prints_resolved_config_with_override():
     assert resolved["lr"] == pytest.approx(2e-4)  # from the YAML, not the recipe default
 
 
+def test_dry_run_plans_a_gpu_run_on_a_machine_without_one():
+    """--dry-run plans for the machine the run will use: device=cuda is not checked against this one."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks a machine without CUDA")
+    planned = tune_run("qlora_distributed", "--config", "llama3_1_70b", "--nproc-per-node", "8", "batch_size=8",
+                       "device=cuda", "--dry-run")
+    assert planned.returncode == 0, planned.stderr
+    assert "total" in planned.stdout and "device: cuda" in planned.stdout
+    from tunesmith.training import cli
+
+    with pytest.raises(cli.ConfigError, match="CUDA is not available"):  # a real run on this machine is refused
+        cli.run("lora_single_device", ["--config", "smollm2_135m", "device=cuda", "output_dir=/tmp/never"])
+
+
 def test_typo_in_key_suggests_the_closest_key():
     r = tune_run("lora_single_device", "--config", "llama3_8b", "bach_size=4", "--dry-run")
     assert r.returncode == 2

@@ -39,6 +39,7 @@ from typing import Iterator
 
 from tunesmith.training.config import ConfigError, build_config, check_environment, load_yaml, to_yaml
 from tunesmith.training.options import ShardingOptions
+from tunesmith.training.sources import check_device_available
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -243,6 +244,8 @@ def run(recipe: str, args: list[str]) -> int:
     with _as_launched(launch):
         cfg = build_config(module.Config, values, overrides, yaml_name=str(config_path))
         check_environment(cfg)
+        if not dry_run and hasattr(cfg, "device"):  # --dry-run plans for another machine (device=cuda on a laptop)
+            check_device_available(cfg.device)
     if dry_run:
         print(to_yaml(cfg), end="")
         if hasattr(module, "estimate_memory"):

@@ -179,7 +179,6 @@ class ModelOptions:
 
     def validate_environment(self) -> None:
         sources.check_model_has_tokenizer(self.model, self.tokenizer)
-        sources.check_device_available(self.device)
 
 
 LoggerName = Literal["tensorboard", "wandb", "mlflow", "none"]
