@@ -19,6 +19,10 @@ weights are loaded):
 * logits: the cross-entropy's fp32 log-softmax and its gradient for one chunk of labelled
   positions (``loss_args.chunk_size``; all labelled positions when 0), plus the chunk's logits in
   the run's dtype. This is where an unchunked 128k-vocabulary loss blows up.
+* not counted: memory the allocator keeps after tensors are freed. On CPU without ``compile`` the
+  process's peak RSS runs up to ~30% above this estimate, because glibc keeps eager mode's freed
+  intermediates in its heap (``models/host_memory.py:keep_freed_host_memory`` asks it to, for speed;
+  BENCHMARKS.md measures both).
 * runtime: on CPU the process's own footprint (PyTorch, tokenizer, Python: ~0.35 GiB measured, ~0.6
   GiB with the compiler loaded), since the benchmark reports peak RSS; on CUDA the CUDA context is
   outside ``max_memory_allocated`` and counted as 0.
